@@ -1,0 +1,280 @@
+"""Building blocks of OverLoCK. Module and parameter names follow the authors' state_dict layout (spec B.8) so
+their released checkpoints load unchanged; indices inside the nn.Sequential containers are part of that layout."""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm2d
+
+from ..ops import na2d_av, rpb_bias
+
+# DilatedReparamBlock branches per large kernel: (kernel, dilation), from UniRepLKNet (spec B.3).
+DRB_BRANCHES: Dict[int, Tuple[Tuple[int, int], ...]] = {
+    19: ((5, 1), (7, 1), (9, 1), (9, 2), (3, 4), (3, 5), (3, 7)),
+    17: ((5, 1), (7, 1), (9, 2), (3, 4), (3, 5), (3, 7)),
+    15: ((5, 1), (7, 1), (7, 2), (3, 3), (3, 5), (3, 7)),
+    13: ((5, 1), (7, 1), (7, 2), (3, 3), (3, 4), (3, 5)),
+    11: ((5, 1), (7, 1), (5, 2), (3, 3), (3, 4), (3, 5)),
+    9: ((5, 1), (7, 1), (5, 2), (3, 3), (3, 4)),
+    7: ((5, 1), (3, 1), (3, 2), (3, 3)),
+    5: ((3, 1), (3, 2)),
+    3: (),
+}
+
+
+def layer_norm(dim: int) -> nn.Module:
+    return LayerNorm2d(dim, eps=1e-6)
+
+
+class ResDWConv(nn.Conv2d):
+    """x + DW3x3(x): a depth-wise conv with an identity shortcut (keeps the plain conv's parameter names)."""
+
+    def __init__(self, dim: int, kernel_size: int = 3):
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
+class LayerScale(nn.Module):
+    """Per-channel affine y = w*x + b. Stored as the authors' grouped 1x1 conv (weight (C,1,1,1), bias (C))."""
+
+    def __init__(self, dim: int, init_value: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim, 1, 1, 1), float(init_value)))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
+
+
+class GRN(nn.Module):
+    """ConvNeXt-V2 global response norm. The L2 norm is computed in fp32: in fp16 the sum of squares over a large
+    map overflows, which is what made the authors' AMP runs produce NaN losses."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, dim, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            gx = torch.linalg.vector_norm(x.float(), ord=2, dim=(2, 3), keepdim=True)
+            nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
+        return torch.addcmul(self.beta, x, self.gamma * nx.to(x.dtype) + 1).to(x.dtype)
+
+
+class SEModule(nn.Module):
+    """Squeeze-excitation; hidden width max(16, C/8)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        hidden = max(16, dim // 8)
+        self.proj = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, hidden, 1), nn.GELU(),
+                                  nn.Conv2d(hidden, dim, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.proj(x)
+
+
+def fuse_conv_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std
+    return kernel * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+
+def dilate_and_pad(kernel: torch.Tensor, dilation: int, size: int) -> torch.Tensor:
+    """Insert zeros between taps (dilation) and zero-pad to size x size, centred."""
+    c, _, k, _ = kernel.shape
+    ek = dilation * (k - 1) + 1
+    out = kernel.new_zeros(c, 1, ek, ek)
+    out[:, :, ::dilation, ::dilation] = kernel
+    pad = (size - ek) // 2
+    return F.pad(out, (pad, pad, pad, pad))
+
+
+class DilatedReparamBlock(nn.Module):
+    """Depth-wise K x K conv plus parallel dilated small-kernel branches, each with its own BN (UniRepLKNet).
+    ``reparameterize()`` folds everything into one K x K depth-wise conv with bias (the deploy form)."""
+
+    def __init__(self, dim: int, kernel_size: int, deploy: bool = False):
+        super().__init__()
+        if kernel_size not in DRB_BRANCHES:
+            raise ValueError(f'DilatedReparamBlock supports kernel sizes {sorted(DRB_BRANCHES)}, got {kernel_size}')
+        self.kernel_size = kernel_size
+        self.branches = DRB_BRANCHES[kernel_size]
+        self.lk_origin = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=deploy)
+        self.deploy = deploy
+        if not deploy:
+            self.origin_bn = nn.BatchNorm2d(dim)
+            for k, r in self.branches:
+                self.add_module(f'dil_conv_k{k}_{r}', nn.Conv2d(dim, dim, k, padding=(r * (k - 1) + 1) // 2,
+                                                                 dilation=r, groups=dim, bias=False))
+                self.add_module(f'dil_bn_k{k}_{r}', nn.BatchNorm2d(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deploy:
+            return self.lk_origin(x)
+        out = self.origin_bn(self.lk_origin(x))
+        for k, r in self.branches:
+            out = out + getattr(self, f'dil_bn_k{k}_{r}')(getattr(self, f'dil_conv_k{k}_{r}')(x))
+        return out
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        if self.deploy:
+            return
+        kernel, bias = fuse_conv_bn(self.lk_origin.weight, self.origin_bn)
+        for k, r in self.branches:
+            k_b, b_b = fuse_conv_bn(getattr(self, f'dil_conv_k{k}_{r}').weight, getattr(self, f'dil_bn_k{k}_{r}'))
+            kernel = kernel + dilate_and_pad(k_b, r, self.kernel_size)
+            bias = bias + b_b
+        conv = nn.Conv2d(kernel.shape[0], kernel.shape[0], self.kernel_size, padding=self.kernel_size // 2,
+                         groups=kernel.shape[0], bias=True).to(kernel)
+        conv.weight.copy_(kernel)
+        conv.bias.copy_(bias)
+        self.lk_origin = conv
+        del self.origin_bn
+        for k, r in self.branches:
+            delattr(self, f'dil_conv_k{k}_{r}')
+            delattr(self, f'dil_bn_k{k}_{r}')
+        self.deploy = True
+
+
+class RepConvBlock(nn.Module):
+    """Base-Net / Overview-Net block (spec B.2). The layer scale multiplies the shortcut, the branch is dropped."""
+
+    def __init__(self, dim: int, kernel_size: int, mlp_ratio: float = 4, ls_init_value: Optional[float] = None,
+                 drop_path: float = 0., deploy: bool = False):
+        super().__init__()
+        hidden = int(mlp_ratio * dim)
+        self.dwconv = ResDWConv(dim)
+        self.proj = nn.Sequential(
+            layer_norm(dim), DilatedReparamBlock(dim, kernel_size, deploy), nn.BatchNorm2d(dim), SEModule(dim),
+            nn.Conv2d(dim, hidden, 1), nn.GELU(), ResDWConv(hidden), GRN(hidden), nn.Conv2d(hidden, dim, 1),
+            DropPath(drop_path) if drop_path > 0 else nn.Identity())
+        self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dwconv(x)
+        return self.ls(x) + self.proj(x)
+
+
+class ContextDownsample(nn.Module):
+    """Stride-2 conv for the Focus-Net feature and, separately, its context (``patch_embedx``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, ctx_dim: int):
+        super().__init__()
+        self.x_proj = nn.Sequential(nn.Conv2d(in_dim, out_dim, 3, 2, 1, bias=False), nn.BatchNorm2d(out_dim))
+        self.h_proj = nn.Sequential(nn.Conv2d(ctx_dim, ctx_dim, 3, 2, 1, bias=False), nn.BatchNorm2d(ctx_dim))
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.x_proj(x), self.h_proj(ctx)
+
+
+class DynamicConvBlock(nn.Module):
+    """Focus-Net block with ContMix (spec B.4).
+
+    ContMix: the query comes from the feature part of the normalised input, the key from 7x7 adaptive-pooled region
+    centres of the context part; each head's pixel-to-centre affinities (49 values) are mapped by ``weight_proj`` to a
+    small (k x k) and a large (K x K) kernel, biased by relative position tables, soft-maxed and used to aggregate
+    half of the fused features each over clamped neighbourhoods (``na2d_av``).
+
+    Ablation switches: ``mixer='static'`` replaces the dynamic aggregation by a static depth-wise K x K conv (the
+    query/key/affinity modules are then not built).
+    """
+    num_centres = 49  # 7x7 pooled region centres; the authors hard-wire 7 (their pool_size argument is ignored)
+
+    def __init__(self, dim: int, ctx_dim: int, kernel_size: int, smk_size: int = 5, num_heads: int = 4,
+                 mlp_ratio: float = 3, ls_init_value: float = 1.0, drop_path: float = 0., is_first: bool = False,
+                 is_last: bool = False, deploy: bool = False, mixer: str = 'contmix'):
+        super().__init__()
+        if mixer not in ('contmix', 'static'):
+            raise ValueError(f"mixer must be 'contmix' or 'static', got {mixer!r}")
+        if dim % (2 * num_heads):
+            raise ValueError(f'dim {dim} must be divisible by 2 x heads ({2 * num_heads})')
+        if smk_size > kernel_size:
+            raise ValueError(f'small kernel {smk_size} is larger than the large kernel {kernel_size}')
+        out_dim = dim + ctx_dim
+        self.dim, self.ctx_dim, self.kernel_size, self.smk_size = dim, ctx_dim, kernel_size, smk_size
+        self.num_heads, self.is_first, self.is_last, self.mixer = num_heads, is_first, is_last, mixer
+        self.scale = (dim // num_heads) ** -0.5  # NOTE: the authors' C/G, although a head is C/(2G) wide
+
+        if not is_first:
+            self.x_scale = LayerScale(ctx_dim, 1.0)
+            self.h_scale = LayerScale(ctx_dim, 1.0)
+        self.dwconv1 = ResDWConv(out_dim)
+        self.norm1 = layer_norm(out_dim)
+        self.fusion = nn.Sequential(
+            nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim), nn.BatchNorm2d(out_dim), nn.GELU(),
+            nn.Conv2d(out_dim, dim, 1), GRN(dim))
+        if mixer == 'contmix':
+            self.rpb1 = nn.Parameter(torch.zeros(num_heads, 2 * smk_size - 1, 2 * smk_size - 1))
+            self.rpb2 = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+            self.weight_query = nn.Sequential(nn.Conv2d(dim, dim // 2, 1, bias=False), nn.BatchNorm2d(dim // 2))
+            self.weight_key = nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Conv2d(ctx_dim, dim // 2, 1, bias=False),
+                                            nn.BatchNorm2d(dim // 2))
+            self.weight_proj = nn.Conv2d(self.num_centres, smk_size ** 2 + kernel_size ** 2, 1)
+        else:
+            self.static_conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.dyconv_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
+        self.lepe = nn.Sequential(DilatedReparamBlock(dim, kernel_size, deploy), nn.BatchNorm2d(dim))
+        self.se_layer = SEModule(dim)
+        self.gate = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
+        self.proj = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
+        self.ls1 = LayerScale(out_dim, ls_init_value)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.dwconv2 = ResDWConv(out_dim)
+        self.norm2 = layer_norm(out_dim)
+        hidden = int(mlp_ratio * dim)  # NOTE: 3 x C, not 3 x (C + Cc), as in the authors' model
+        self.mlp = nn.Sequential(nn.Conv2d(out_dim, hidden, 1), nn.GELU(), ResDWConv(hidden), GRN(hidden),
+                                 nn.Conv2d(hidden, out_dim, 1))
+        self.ls2 = LayerScale(out_dim, ls_init_value)
+
+    def contmix(self, f: torch.Tensor, zn: torch.Tensor) -> torch.Tensor:
+        """Dynamic aggregation of f (B, C, H, W) guided by the normalised [feature, context] map zn."""
+        b, c, h, w = f.shape
+        ks, sk, g = self.kernel_size, self.smk_size, self.num_heads
+        if self.mixer == 'static':
+            return self.static_conv(f)
+        resized = min(h, w) < ks
+        if resized:  # small-map rule: short side up to K so that a K x K window fits (spec B.4 step 5)
+            size = (ks, int(ks / h * w)) if h < w else (int(ks / w * h), ks)
+            f = F.interpolate(f, size=size, mode='bilinear', align_corners=False)
+            zn = F.interpolate(zn, size=size, mode='bilinear', align_corners=False)
+        hh, ww = f.shape[-2:]
+        query = self.weight_query(zn[:, :self.dim]) * self.scale
+        key = self.weight_key(zn[:, self.dim:])
+        head_dim = c // (2 * g)
+        affinity = torch.einsum('bgcn,bgcl->bgln', query.reshape(b, g, head_dim, hh * ww),
+                                key.reshape(b, g, head_dim, self.num_centres))
+        logits = self.weight_proj(affinity.reshape(b * g, self.num_centres, hh, ww)).reshape(b, g, -1, hh, ww)
+        with torch.autocast(f.device.type, enabled=False):  # softmax in fp32 (fp16 overflow otherwise)
+            small = (logits[:, :, :sk * sk].float() + rpb_bias(self.rpb1.float(), hh, ww)).softmax(dim=2)
+            large = (logits[:, :, sk * sk:].float() + rpb_bias(self.rpb2.float(), hh, ww)).softmax(dim=2)
+        value = f.reshape(b, 2, g * head_dim, hh, ww)
+        out_small = na2d_av(small.reshape(b * g, sk * sk, hh, ww), value[:, 0].reshape(b * g, head_dim, hh, ww), sk)
+        out_large = na2d_av(large.reshape(b * g, ks * ks, hh, ww), value[:, 1].reshape(b * g, head_dim, hh, ww), ks)
+        out = torch.cat([out_small.reshape(b, c // 2, hh, ww), out_large.reshape(b, c // 2, hh, ww)], dim=1)
+        if resized:
+            out = F.adaptive_avg_pool2d(out, (h, w))
+        return out
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_ref: torch.Tensor):
+        if not self.is_first:
+            ctx = self.x_scale(ctx) + self.h_scale(ctx_ref)
+        z = self.dwconv1(torch.cat([x, ctx], dim=1))
+        identity = z
+        zn = self.norm1(z)
+        f = self.fusion(zn)
+        gate = self.gate(f)
+        lepe = self.lepe(f)
+        y = self.dyconv_proj(self.contmix(f, zn)) + lepe
+        y = self.proj(gate * self.se_layer(y))
+        z = self.ls1(identity) + self.drop_path(y)
+        z = self.dwconv2(z)
+        z = self.ls2(z) + self.drop_path(self.mlp(self.norm2(z)))
+        if self.is_last:
+            return z
+        return z[:, :self.dim], z[:, self.dim:]

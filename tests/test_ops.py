@@ -1,0 +1,67 @@
+"""The aggregation operator against its definition: brute-force loop, unfold formulation, float64 gradcheck."""
+import pytest
+import torch
+
+from overlock_core.models.layers import DynamicConvBlock
+from overlock_core.ops import na2d_av, na2d_av_reference, na2d_av_unfold, rpb_bias, window_starts
+
+SHAPES = [(14, 20, 13), (13, 13, 13), (9, 30, 5), (7, 7, 7), (13, 17, 13), (6, 11, 3)]
+
+
+@pytest.mark.parametrize('h,w,k', SHAPES)
+def test_na2d_matches_reference_and_unfold(h, w, k):
+    attn = torch.randn(3, k * k, h, w, dtype=torch.float64).softmax(1)
+    value = torch.randn(3, 5, h, w, dtype=torch.float64)
+    ref = na2d_av_reference(attn, value, k)
+    torch.testing.assert_close(na2d_av(attn, value, k), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(na2d_av_unfold(attn, value, k), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('h,w,k', [(5, 4, 3), (3, 7, 3), (5, 5, 5)])
+def test_na2d_gradcheck(h, w, k):
+    attn = torch.randn(2, k * k, h, w, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(2, 3, h, w, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, v: na2d_av(a, v, k), (attn, value))
+
+
+def test_na2d_grads_match_unfold():
+    attn = torch.randn(2, 49, 9, 12, requires_grad=True)
+    value = torch.randn(2, 4, 9, 12, requires_grad=True)
+    g = torch.randn(2, 4, 9, 12)
+    ga, gv = torch.autograd.grad(na2d_av(attn, value, 7), (attn, value), g)
+    ra, rv = torch.autograd.grad(na2d_av_unfold(attn, value, 7), (attn, value), g)
+    torch.testing.assert_close(ga, ra, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gv, rv, rtol=1e-5, atol=1e-5)
+
+
+def test_window_starts_clamp_inside_map():
+    assert window_starts(10, 5).tolist() == [0, 0, 0, 1, 2, 3, 4, 5, 5, 5]
+    with pytest.raises(ValueError, match='at least'):
+        window_starts(4, 5)
+    with pytest.raises(ValueError, match='na2d_av expects'):
+        na2d_av(torch.randn(1, 9, 4, 4), torch.randn(1, 2, 4, 5), 3)
+
+
+@pytest.mark.parametrize('h,w,k', [(14, 20, 13), (13, 13, 13), (9, 30, 5), (7, 7, 7)])
+def test_rpb_gather_uses_true_displacement(h, w, k):
+    table = torch.randn(2, 2 * k - 1, 2 * k - 1)
+    bias = rpb_bias(table, h, w)
+    sh, sw = window_starts(h, k).tolist(), window_starts(w, k).tolist()
+    for i in range(h):
+        for j in range(w):
+            for a in range(k):
+                for b in range(k):
+                    want = table[:, sh[i] + a - i + k - 1, sw[j] + b - j + k - 1]
+                    assert torch.equal(bias[:, a * k + b, i, j], want)
+
+
+def test_contmix_half_precision_stays_finite():
+    """Under fp16/bf16 autocast the softmaxes and GRN run in fp32, so large activations do not overflow."""
+    blk = DynamicConvBlock(32, 12, 7, 5, 2).eval()
+    x, ctx = torch.randn(1, 32, 9, 9) * 300, torch.randn(1, 12, 9, 9) * 300
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        y, _ = blk(x, ctx, ctx)
+    assert torch.isfinite(y).all()
+    with torch.no_grad():
+        y32, _ = blk(x, ctx, ctx)
+    assert y32.dtype == torch.float32 and torch.isfinite(y32).all()
