@@ -74,8 +74,11 @@ def create_model(cfg, aux_head):
     kwargs = dict(m['kwargs'])
     if aux_head:
         kwargs['aux_head'] = True
-    return timm.create_model(m['name'], num_classes=cfg['data']['num_classes'], drop_path_rate=m['drop_path_rate'],
-                             **kwargs)
+    try:
+        return timm.create_model(m['name'], num_classes=cfg['data']['num_classes'],
+                                 drop_path_rate=m['drop_path_rate'], **kwargs)
+    except TypeError as e:  # an unknown constructor argument in model.kwargs
+        raise SystemExit(f"cannot build {m['name']} with model.kwargs {m['kwargs']}: {e}")
 
 
 def load_model_weights(model, path, use_ema=False):
@@ -87,14 +90,10 @@ def load_model_weights(model, path, use_ema=False):
         raise SystemExit(f'cannot load {path}: ' + ' '.join(str(e).split())[:500])
 
 
-def unwrap(model):
-    model = getattr(model, 'module', model)  # DDP
-    return getattr(model, '_orig_mod', model)  # torch.compile
-
-
 @torch.no_grad()
 def evaluate(model, loader, device, dtype=None, world=1):
-    """Top-1/top-5 (percent) and mean CE over the whole split; per-rank counts are summed, so it is exact."""
+    """Top-1/top-5 (percent) and mean CE over the whole split. Counts of correct predictions (not per-batch
+    percentages as timm.utils.accuracy gives) are summed over ranks, so the result is exact and rank-count free."""
     model.eval()
     k5 = min(5, len(loader.dataset.classes))
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # n, correct1, correct5, loss sum

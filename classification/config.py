@@ -74,7 +74,7 @@ DEFAULTS = {
         'ema': True,
         'ema_decay': 0.9999,
         'grad_checkpointing': False,
-        'compile': False,
+        'compile': False,           # true = torch.compile (inductor) or a backend name
         'seed': 42,
         'log_interval': 50,
         'steps_per_epoch': None,    # cap on optimizer steps per epoch (smoke tests); None = whole epoch

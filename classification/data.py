@@ -104,8 +104,9 @@ def train_transform(cfg):
 
 def build_eval_loader(cfg, root, crop_pct, batch_size, rank=0, world=1):
     ds = SafeImageFolder(root, transform=eval_transform(cfg, crop_pct))
+    pin = cfg['data']['pin_memory'] and torch.cuda.is_available()
     return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank, world),
-                      num_workers=cfg['data']['workers'], pin_memory=cfg['data']['pin_memory'] and torch.cuda.is_available())
+                      num_workers=cfg['data']['workers'], pin_memory=pin)
 
 
 def build_train_loader(cfg, rank=0, world=1):

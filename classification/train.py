@@ -31,7 +31,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad, distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 
 from classification.common import (amp_dtype, autocast, check_model_name, create_model, evaluate, init_distributed,
-                                   load_model_weights, log, setup_logging, unwrap)
+                                   load_model_weights, log, setup_logging)
 from classification.config import load_config, save_config
 from classification.data import build_eval_loader, build_train_loader, check_data_dir, num_batches
 from overlock_core.checkpoint import save_atomic
@@ -106,6 +106,7 @@ def main(argv=None):
     # everything that can be checked cheaply fails here, before a process group or a model exists
     check_model_name(cfg['model']['name'])
     check_data_dir(cfg)
+    batch_plan(cfg, int(os.environ.get('WORLD_SIZE', 1)))
     resume = args.resume
     if resume == 'auto':
         resume = os.path.join(work_dir, 'checkpoint-last.pth')
@@ -197,7 +198,8 @@ class Trainer:
         self.scheduler.load_state_dict(ck['scheduler'])
         if self.scaler is not None and 'scaler' in ck:
             self.scaler.load_state_dict(ck['scaler'])
-        self.epoch, self.step, self.skipped_steps, self.best = ck['epoch'] + 1, ck['step'], ck['skipped_steps'], ck['best']
+        self.epoch, self.step, self.skipped_steps = ck['epoch'] + 1, ck['step'], ck['skipped_steps']
+        self.best = ck['best']
         self.resumed_metrics = ck['metrics']
         rng = ck['rng']
         random.setstate(rng['python'])
@@ -226,8 +228,8 @@ class Trainer:
             self.tb = SummaryWriter(os.path.join(self.work_dir, 'tb'))
         ids = [self.device] if self.device.type == 'cuda' else None
         net = DistributedDataParallel(self.model, device_ids=ids) if self.world > 1 else self.model
-        if t['compile']:
-            net = torch.compile(net)
+        if t['compile']:  # true = inductor, or a backend name (e.g. aot_eager to debug)
+            net = torch.compile(net, **({'backend': t['compile']} if isinstance(t['compile'], str) else {}))
         log.info(f"{cfg['model']['name']}: {self.n_params / 1e6:.2f}M params, {self.world} process(es) on "
                  f"{self.device}, global batch {self.total_batch} = {t['batch_size_per_gpu']} x {self.world} x "
                  f"{self.accum} accumulation, lr {self.optimizer.param_groups[0]['lr']:.2e} "
@@ -260,7 +262,7 @@ class Trainer:
         seed_all(t['seed'] + 10007 * self.epoch + self.rank)  # exact resume, different augmentation per rank
         self.loader.sampler.set_epoch(self.epoch)
         fault = int(os.environ.get('OVERLOCK_FAULT_NAN_STEP', -1))
-        loss_sum, n_loss, img_skips, bad = 0.0, 0, 0, False
+        loss_sum, n_loss, img_skips, bad = 0.0, 0, 0, None  # bad: first non-finite loss of this step
         t0 = t_log = time.time()
         steps_done = 0
         for i, (images, target, skipped) in enumerate(self.loader):
@@ -271,8 +273,8 @@ class Trainer:
             if self.mixup is not None:
                 images, target = self.mixup(images, target)
             boundary = (i + 1) % self.accum == 0
-            sync = net.no_sync() if self.world > 1 and not boundary and hasattr(net, 'no_sync') else contextlib.nullcontext()
-            with sync:
+            accumulating = self.world > 1 and not boundary
+            with net.no_sync() if accumulating else contextlib.nullcontext():  # all-reduce only on the last one
                 with autocast(self.device, self.dtype):
                     loss = self.criterion(net(images), target)
                 if self.step == fault:
@@ -280,14 +282,15 @@ class Trainer:
                 # backward even when non-finite, so DDP ranks stay in lockstep; the grads are dropped below
                 (self.scaler.scale(loss / self.accum) if self.scaler else loss / self.accum).backward()
             value = loss.item()
-            bad |= not math.isfinite(value)
             if math.isfinite(value):
                 loss_sum, n_loss = loss_sum + value, n_loss + 1
+            elif bad is None:
+                bad = value
             if not boundary:
                 continue
-            if self.all_agree_bad(bad):
-                self.handle_nonfinite(value, i)
-                bad = False
+            if self.all_agree_bad(bad is not None):
+                self.handle_nonfinite(bad, i)
+                bad = None
             else:
                 self.optimizer_step()
             self.step += 1
@@ -321,6 +324,7 @@ class Trainer:
         return flag.item() > 0
 
     def handle_nonfinite(self, value, i):
+        value = 'on another rank' if value is None else value
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg['train']['skip_nonfinite']:
             self.skipped_steps += 1
@@ -362,7 +366,8 @@ class Trainer:
                 self.best.update(ema_top1=res_ema['top1'], ema_epoch=self.epoch)
         log.info(f"epoch {self.epoch} done: train loss {train_loss:.4f}, top1 {m['top1']:.2f} top5 {m['top5']:.2f}"
                  + (f", EMA top1 {m['ema_top1']:.2f}" if self.ema is not None else '')
-                 + f" (best {self.best['top1']:.2f} @ {self.best['epoch']}), {_hms(time.time() - self.t_start)} elapsed")
+                 + f" (best {self.best['top1']:.2f} @ {self.best['epoch']}), "
+                 + f'{_hms(time.time() - self.t_start)} elapsed')
         return m
 
     def finish(self, metrics):

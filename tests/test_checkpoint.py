@@ -119,3 +119,21 @@ def test_safetensors_and_atomic_save(tmp_path, trained):
     save_atomic({'a': torch.zeros(2)}, target)
     assert torch.load(target)['a'].sum() == 0
     assert os.listdir(target.parent) == ['last.pth']
+
+
+def test_convert_checkpoint_tool(tmp_path, trained):
+    import subprocess
+    import sys
+    src = tmp_path / 'overlock_test_in1k.pth'
+    torch.save({'state_dict_ema': trained.state_dict(), 'state_dict': trained.state_dict()}, src)
+    res = subprocess.run([sys.executable, 'tools/convert_checkpoint.py', str(src), '--variant', 'test', '--reparam',
+                          '--safetensors'], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    dep = OverLoCK('test', num_classes=10, aux_head=True, deploy=True).eval()
+    load_weights(dep, tmp_path / 'overlock_test_in1k_reparam.safetensors')
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x), trained(x), rtol=1e-4, atol=1e-4)
+    bad = subprocess.run([sys.executable, 'tools/convert_checkpoint.py', str(src), '--variant', 't'],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and 'does not fit' in bad.stderr

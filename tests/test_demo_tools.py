@@ -142,10 +142,14 @@ def test_collect_results_tables(tmp_path):
                 returncode=0))
     _write(wd / 'sweep_demo' / 'kernel_sizes-7.7.7.7' / 'results.json', dict(task='cls', top1=83.5))
 
+    cx = tmp_path / 'complexity.json'  # the layout of tools/complexity.py --json
+    _write(cx, dict(variants=[dict(variant='t', params_train=34_990_472, params_deploy=33_467_040, gmacs_deploy=5.65,
+                                   gmacs_train=5.99, gmacs_paper_convention=5.51)], dense=[], models=[]))
+
     out = tmp_path / 'out'
-    assert collect_results.main([str(wd), '--out', str(out)]) == 0
+    assert collect_results.main([str(wd), '--out', str(out), '--complexity', str(cx)]) == 0
     md = (out / 'results.md').read_text()
-    assert '| OverLoCK-T | 84.0 | 84.2 | -0.2 | 33.5 | 33 | - | 5.5 |' in md
+    assert '| OverLoCK-T | 84.0 | 84.2 | -0.2 | 33.5 | 33 | 5.7 | 5.5 |' in md
     assert '| OverLoCK-S | Mask R-CNN | 3x | 51.2 | 51.0 | +0.2 | 44.9 | 45.0 | -0.1 |' in md
     assert '| OverLoCK-B | UperNet | 51.0 | 51.7 | -0.7 | 52.0 | - |' in md
     assert '| OverLoCK-XT | - | 82.7 | - |' in md  # paper rows without a run stay in the table

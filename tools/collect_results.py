@@ -287,20 +287,28 @@ def to_markdown(tables, skip_empty_sweep=True):
 
 
 def load_complexity(path):
-    """Map variant -> {params_m, gflops} from tools/complexity.py --json output (dict or list, tolerant keys)."""
+    """Map variant -> {params_m, gflops, ...} from `tools/complexity.py --json` ({"variants": [rows]}).
+
+    params_m / gflops are the deploy (re-parameterised, no aux head) params and MACs, the paper's convention for
+    params; gflops_train and gflops_paper_conv (training form without the lk_origin convs, spec A.3) are kept too.
+    Older/other layouts (a dict or list keyed by variant with params/flops fields) are accepted as well.
+    """
     data = _load_json(path) if path else None
     if not data:
         return {}
+    if isinstance(data, dict) and isinstance(data.get('variants'), list):
+        data = data['variants']
     items = data.items() if isinstance(data, dict) else ((d.get('variant') or d.get('arch') or d.get('model'), d)
-                                                          for d in data)
+                                                          for d in data if isinstance(d, dict))
     out = {}
     for name, d in items:
         if not isinstance(d, dict):
             continue
-        v = identify(name)[0] or str(name).lower().replace('overlock_', '')
-        params = d.get('params_m', _to_m(d.get('params')))
-        flops = d.get('gflops', d.get('flops_g', _to_g(d.get('flops', d.get('macs')))))
-        out[v] = dict(params_m=params, gflops=flops)
+        v = identify(f'overlock_{name}' if name in PAPER_CLS else name)[0] or str(name).lower()
+        params = d.get('params_m', _to_m(d.get('params_deploy', d.get('params'))))
+        flops = d.get('gflops', d.get('gmacs_deploy', _to_g(d.get('flops', d.get('macs')))))
+        out[v] = dict(params_m=params, gflops=flops, params_train_m=_to_m(d.get('params_train')),
+                      gflops_train=d.get('gmacs_train'), gflops_paper_conv=d.get('gmacs_paper_convention'))
     return out
 
 

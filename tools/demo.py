@@ -171,6 +171,10 @@ def run_complexity(demo):
         demo.stages.append(('complexity', 'skipped', 0, 'tools/complexity.py not present yet'))
         return None
     out = demo.out / 'complexity.json'
+    sources = [script, *(ROOT / 'overlock_core' / 'models').glob('*.py')]
+    if out.is_file() and out.stat().st_mtime > max(p.stat().st_mtime for p in sources):
+        demo.stages.append(('complexity', 'cached', 0, f'{out.name} is newer than the model code'))
+        return collect_results.load_complexity(out)
     if demo.run('complexity', [sys.executable, 'tools/complexity.py', '--json', str(out.resolve())]):
         return collect_results.load_complexity(out)
     return None
@@ -286,16 +290,18 @@ def complexity_table(cx):
         return ('_Hook:_ `tools/complexity.py --json FILE` was not available (or failed) when this report was '
                 'written; rerun `python tools/demo.py --only none` once it exists to fill this table. '
                 'Paper numbers: Params 16/33/56/95 M, FLOPs 2.6/5.5/9.7/16.7 G for XT/T/S/B.\n')
-    lines = ['| Model | Params (M) | Params (paper) | FLOPs (G, 224²) | FLOPs (paper) |', '|---|---|---|---|---|']
-    for v, (_, pp, pf) in collect_results.PAPER_CLS.items():
-        c = cx.get(v, {})
-        lines.append(f'| {collect_results.VARIANT_NAMES[v]} | {collect_results._f(c.get("params_m"), 2)} | {pp} | '
-                     f'{collect_results._f(c.get("gflops"), 2)} | {pf} |')
+    f = collect_results._f
+    lines = ['| Model | Params deploy (M) | Params train (M) | Params (paper) | GMACs deploy | GMACs train | '
+             'GMACs paper convention | FLOPs (paper) |', '|---|---|---|---|---|---|---|---|']
     for v, c in cx.items():
-        if v not in collect_results.PAPER_CLS:
-            lines.append(f'| {v} | {collect_results._f(c.get("params_m"), 3)} | - | '
-                         f'{collect_results._f(c.get("gflops"), 3)} | - |')
-    return '\n'.join(lines) + '\n'
+        _, pp, pf = collect_results.PAPER_CLS.get(v, (None, '-', '-'))
+        lines.append(f'| {collect_results.VARIANT_NAMES.get(v, v)} | {f(c.get("params_m"), 2)} | '
+                     f'{f(c.get("params_train_m"), 2)} | {pp} | {f(c.get("gflops"), 2)} | '
+                     f'{f(c.get("gflops_train"), 2)} | {f(c.get("gflops_paper_conv"), 2)} | {pf} |')
+    return '\n'.join(lines) + ('\n\nMACs at 224x224 from `tools/complexity.py` (FlopCounterMode + exact ContMix '
+                               'aggregation). "Paper convention" leaves out the large-kernel `lk_origin` convs, '
+                               'which the authors\' counter did not see (spec A.3); deploy params exclude the aux '
+                               'head, as the paper\'s do.\n')
 
 
 def write_report(demo, work_dirs, cx, images, t_start):

@@ -17,7 +17,9 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   log "creating virtual environment $VENV"
   "$PY" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+PIP=(pip_quiet "$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# pip warns about every missing local mirror folder; keep real errors only
+pip_quiet() { "$@" 2> >(grep -v "Location '.*' is ignored" >&2); }
 log "installing pinned requirements (first run: several minutes)"
 "${PIP[@]}" install --upgrade 'pip<25' wheel ninja
 "${PIP[@]}" install -r "$ROOT/requirements.txt"

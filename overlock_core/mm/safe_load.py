@@ -11,8 +11,10 @@ The fix here is deliberately narrow: the exact globals that mmengine's checkpoin
 them) are added with :func:`torch.serialization.add_safe_globals`:
 
 * ``mmengine.logging.history_buffer.HistoryBuffer``
-* ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``, ``numpy.dtype`` (the buffers' float64 arrays)
-* ``numpy.core.multiarray.scalar`` (numpy scalars among logged values)
+* ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``, ``numpy.dtype`` and ``numpy.dtypes.Float64DType``
+  (the buffers' float64 arrays)
+* ``numpy.core.multiarray.scalar``, ``numpy.dtypes.Float32DType``, ``numpy.dtypes.Int64DType`` (numpy scalars
+  among logged values)
 * ``builtins.getattr`` -- served by :func:`_history_buffer_getattr`, a stand-in that only resolves
   ``HistoryBuffer.{min,max,current,mean}`` (a HistoryBuffer pickles its statistics functions that way); the real
   ``getattr`` is never allow-listed.
@@ -39,7 +41,15 @@ def _numpy_globals() -> List[Any]:
         from numpy.core.multiarray import _reconstruct, scalar
     except ImportError:  # pragma: no cover - numpy 2 without the numpy.core shim
         from numpy._core.multiarray import _reconstruct, scalar
-    return [_reconstruct, scalar, np.ndarray, np.dtype]
+    out: List[Any] = [_reconstruct, scalar, np.ndarray, np.dtype]
+    # numpy >= 1.25 rebuilds a pickled dtype through its concrete class (BUILD on numpy.dtypes.Float64DType, ...):
+    # float64 = HistoryBuffer arrays; float32 / int64 = numpy scalars that end up among logged values.
+    dtypes_mod = getattr(np, 'dtypes', None)
+    for name in ('Float64DType', 'Float32DType', 'Int64DType'):
+        cls = getattr(dtypes_mod, name, None) if dtypes_mod is not None else None
+        if cls is not None:
+            out.append(cls)
+    return out
 
 
 def _history_buffer_getattr(obj: Any, name: str) -> Any:

@@ -9,9 +9,10 @@ Layouts used throughout (so no permute/copy is needed around the op):
     value: (N, c, H, W)
     out:   (N, c, H, W)
 
-``na2d_av`` is its own autograd function: forward and backward loop over the K*K window offsets and gather one
-shifted view of the values at a time, so they never hold a K*K-times copy of the values or of their gradient
-(memory O(N*(c + K*K)*H*W)). ``na2d_av_unfold`` is the plain formulation (unfold the windows, replicate-pad the
+``na2d_av`` is its own autograd function: forward and backward loop over the K window rows, gather the rows the
+windows read once, and turn the column part of the windows into banded matrices, so the work runs as batched
+matmuls and never holds a K*K-times copy of the values or of their gradient (transient memory O(N*H*W*(c + W)),
+below the N*H*W*K*K of the unfold formulation whenever the map is narrower than K*K). ``na2d_av_unfold`` is the plain formulation (unfold the windows, replicate-pad the
 borders, weighted sum) kept for benchmarks, ``na2d_av_reference`` a direct loop over pixels kept for tests.
 """
 from typing import Tuple
@@ -50,43 +51,56 @@ def rpb_bias(rpb: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return rpb.reshape(heads, size * size)[:, flat].reshape(heads, k * k, height, width)
 
 
+def _band(rows_weights: torch.Tensor, cols: torch.Tensor, width: int) -> torch.Tensor:
+    """Scatter per-pixel weights (R, W, K) into banded matrices (R, W, W): entry [j, cols[b, j]] = weight[j, b]."""
+    r, w, k = rows_weights.shape
+    band = rows_weights.new_zeros(r, w, width)
+    return band.scatter_(2, cols.t().unsqueeze(0).expand(r, w, k), rows_weights)
+
+
 class _NeighborhoodAV(torch.autograd.Function):
+    """One window row ``a`` at a time: the rows the windows read are gathered once (an (N, H, W, c) copy), and the
+    column part of the window becomes a banded (W x W) matrix per image row, so aggregation and both gradients are
+    batched matmuls (GEMM speed) instead of K*K element-wise passes. Transient memory: one (N, H, W, c) copy and
+    one (N, H, W, W) band, never K*K copies of the values."""
 
     @staticmethod
     def forward(ctx, attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
         n, c, h, w = value.shape
-        rows = _window_indices(h, kernel_size, value.device)
-        cols = _window_indices(w, kernel_size, value.device)
-        out = torch.zeros_like(value)
-        for a in range(kernel_size):
-            v_rows = value.index_select(2, rows[a])
-            for b in range(kernel_size):
-                out.addcmul_(v_rows.index_select(3, cols[b]), attn[:, a * kernel_size + b].unsqueeze(1))
-        ctx.save_for_backward(attn, value)
-        ctx.kernel_size = kernel_size
-        return out
+        ks = kernel_size
+        rows = _window_indices(h, ks, value.device)
+        cols = _window_indices(w, ks, value.device)
+        v_t = value.permute(0, 2, 3, 1).contiguous()  # (N, H, W, c)
+        a_t = attn.reshape(n, ks, ks, h, w).permute(1, 0, 3, 4, 2).contiguous()  # (K_rows, N, H, W, K_cols)
+        out = value.new_zeros(n * h, w, c)
+        for a in range(ks):
+            v_rows = v_t.index_select(1, rows[a]).reshape(n * h, w, c)
+            out.baddbmm_(_band(a_t[a].reshape(n * h, w, ks), cols, w), v_rows)
+        ctx.save_for_backward(a_t, v_t)
+        ctx.shape = (n, c, h, w, ks)
+        return out.reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, None]:
-        attn, value = ctx.saved_tensors
-        ks = ctx.kernel_size
-        n, c, h, w = value.shape
-        rows = _window_indices(h, ks, value.device)
-        cols = _window_indices(w, ks, value.device)
-        grad_out = grad_out.contiguous()
-        grad_attn = torch.empty_like(attn) if ctx.needs_input_grad[0] else None
-        grad_value = torch.zeros_like(value) if ctx.needs_input_grad[1] else None
+        a_t, v_t = ctx.saved_tensors
+        n, c, h, w, ks = ctx.shape
+        rows = _window_indices(h, ks, v_t.device)
+        cols = _window_indices(w, ks, v_t.device)
+        g_t = grad_out.permute(0, 2, 3, 1).reshape(n * h, w, c)
+        need_attn, need_value = ctx.needs_input_grad[:2]
+        grad_a = torch.empty_like(a_t) if need_attn else None
+        grad_v = torch.zeros_like(v_t) if need_value else None
+        col_idx = cols.t().unsqueeze(0).expand(n * h, w, ks)
         for a in range(ks):
-            v_rows = value.index_select(2, rows[a]) if grad_attn is not None else None
-            g_rows = torch.zeros_like(value) if grad_value is not None else None
-            for b in range(ks):
-                slot = a * ks + b
-                if grad_attn is not None:
-                    grad_attn[:, slot] = (grad_out * v_rows.index_select(3, cols[b])).sum(1)
-                if g_rows is not None:
-                    g_rows.index_add_(3, cols[b], grad_out * attn[:, slot].unsqueeze(1))
-            if grad_value is not None:
-                grad_value.index_add_(2, rows[a], g_rows)
+            if need_attn:
+                v_rows = v_t.index_select(1, rows[a]).reshape(n * h, w, c)
+                pair = torch.bmm(g_t, v_rows.transpose(1, 2))  # (NH, W, W): <grad_out[j], value[j']>
+                grad_a[a] = pair.gather(2, col_idx).reshape(n, h, w, ks)
+            if need_value:
+                band = _band(a_t[a].reshape(n * h, w, ks), cols, w)
+                grad_v.index_add_(1, rows[a], torch.bmm(band.transpose(1, 2), g_t).reshape(n, h, w, c))
+        grad_attn = grad_a.permute(1, 0, 4, 2, 3).reshape(n, ks * ks, h, w) if need_attn else None
+        grad_value = grad_v.permute(0, 3, 1, 2).contiguous() if need_value else None
         return grad_attn, grad_value, None
 
 
@@ -100,6 +114,8 @@ def _check(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
 def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Memory-lean neighbourhood aggregation (see module docstring for layouts)."""
     _check(attn, value, kernel_size)
+    if kernel_size % 2 == 0:
+        raise ValueError(f'na2d_av needs an odd kernel size, got {kernel_size}')
     attn = attn.to(value.dtype)
     return _NeighborhoodAV.apply(attn.contiguous(), value.contiguous(), kernel_size)
 

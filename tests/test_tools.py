@@ -1,0 +1,45 @@
+"""The project's measurement tools: complexity counting and the benchmark harness."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, 'tools')
+import complexity  # noqa: E402
+
+
+def test_complexity_counts_aggregation_and_forms():
+    row = complexity.variant_row('test', 64)
+    assert row['gmacs_na2d'] > 0
+    assert row['gmacs_paper_convention'] < row['gmacs_train']
+    assert row['params_deploy'] < row['params_train']
+    dense = complexity.dense_row('test', 'det', 64, 96)
+    assert dense['gmacs'] > 0 and dense['params'] > 0
+
+
+@pytest.mark.heavy
+def test_complexity_t_matches_spec():
+    """Spec A.3 (measured on the authors' model): deploy 5.65 G, training 5.99 G, without lk_origin 5.51 G."""
+    row = complexity.variant_row('t', 224)
+    assert row['params_train'] == 34_990_472 and row['params_deploy'] == 33_467_040
+    assert abs(row['gmacs_deploy'] - 5.65) < 0.03
+    assert abs(row['gmacs_train'] - 5.99) < 0.03
+    assert abs(row['gmacs_paper_convention'] - 5.51) < 0.03
+
+
+def test_benchmark_harness_writes_json(tmp_path):
+    out = tmp_path / 'b.json'
+    res = subprocess.run([sys.executable, 'tools/benchmark.py', '--models', 'test_overlock', '--size', '64', '64',
+                          '--batch', '2', '--iters', '1', '--threads', '1', '--json', str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())['rows']
+    assert {r['mode'] for r in rows} == {'infer', 'train'}
+    assert all(r['seconds'] > 0 and r['peak_mib'] >= 0 for r in rows)
+    res = subprocess.run([sys.executable, 'tools/benchmark.py', '--ops', '--op-shapes', 'stage4@224 K7', '--batch',
+                          '1', '--iters', '1', '--threads', '1', '--json', str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    row = json.loads(out.read_text())['rows'][0]
+    assert row['ours']['peak_mib'] < row['unfold']['peak_mib']

@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Speed and memory of OverLoCK against timm peers, in one run, plus the ContMix aggregation operator alone.
+
+Every measurement runs in a fresh worker process (so peak memory is that measurement's alone): CPU peak memory is
+the rise of the resident set (VmHWM, reset through /proc/self/clear_refs) above the state after the model and
+input were built; CUDA peak memory is torch.cuda.max_memory_allocated above the same point.
+  infer: eval, no grad, deploy (re-parameterised) form for OverLoCK;  train: forward + backward, training form.
+
+  python tools/benchmark.py                                   # 224x224, batch 8, CPU, 2 threads
+  python tools/benchmark.py --size 800 1280 --batch 1 --modes train --backbone
+  python tools/benchmark.py --ops                             # aggregation operator vs the unfold formulation
+  python tools/benchmark.py --device cuda --dtype bf16 --channels-last --json bench.json
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+DEFAULT_MODELS = ['overlock_t', 'convnext_tiny', 'overlock_s', 'convnext_small']
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def _rss_kib(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak(device: str) -> float:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2 ** 20
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+    return _rss_kib('VmRSS') / 1024
+
+
+def _peak(device: str) -> float:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return _rss_kib('VmHWM') / 1024
+
+
+def _sync(device: str):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: str, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def run_model(a: Dict) -> Dict:
+    import timm
+    import overlock_core  # noqa: F401
+    dev, dtype = a['device'], DTYPES[a['dtype']]
+    kw = {}
+    if a['backbone']:
+        kw = dict(features_only=True, out_indices=(0, 1, 2, 3))
+    model = timm.create_model(a['model'], **kw).to(dev)
+    if a['mode'] == 'infer':
+        model.eval()
+        if hasattr(model, 'reparameterize') or any(hasattr(m, 'reparameterize') for m in model.modules()):
+            model = timm.utils.reparameterize_model(model)
+    fmt = torch.channels_last if a['channels_last'] else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.randn(a['batch'], 3, *a['size'], device=dev).to(memory_format=fmt)
+    amp = torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32)
+
+    def out_sum(out):
+        if isinstance(out, (list, tuple)):
+            return sum(o.float().mean() for o in out)
+        return out.float().mean()
+
+    if a['mode'] == 'infer':
+        def step():
+            with torch.no_grad(), amp:
+                model(x)
+    else:
+        model.train()
+
+        def step():
+            with amp:
+                loss = out_sum(model(x))
+            loss.backward()
+            for p in model.parameters():
+                p.grad = None
+    step()  # first call: allocator and kernels warmed before the baseline
+    base = _reset_peak(dev)
+    sec = _time(step, dev, a['warmup'], a['iters'])
+    return dict(seconds=sec, images_per_s=a['batch'] / sec, peak_mib=_peak(dev) - base,
+                params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+
+
+OP_SHAPES = {  # name: (heads*batch factor G, channels per head c, H, W, K) for OverLoCK-T
+    'stage3@224 K13': (8, 16, 14, 14, 13), 'stage3@224 k5': (8, 16, 14, 14, 5),
+    'stage4@224 K7': (16, 16, 7, 7, 7),
+    'stage3@800x1280 K13': (8, 16, 50, 80, 13), 'stage4@800x1280 K7': (16, 16, 25, 40, 7),
+}
+
+
+def run_op(a: Dict) -> Dict:
+    from overlock_core.ops import na2d_av, na2d_av_unfold
+    g, c, h, w, k = OP_SHAPES[a['shape']]
+    dev = a['device']
+    n = a['batch'] * g
+    attn = torch.randn(n, k * k, h, w, device=dev).softmax(1).requires_grad_()
+    value = torch.randn(n, c, h, w, device=dev, requires_grad=True)
+    grad = torch.randn(n, c, h, w, device=dev)
+    fn = na2d_av if a['impl'] == 'ours' else na2d_av_unfold
+
+    def step():
+        out = fn(attn, value, k)
+        torch.autograd.backward(out, grad)
+        attn.grad = value.grad = None
+    step()
+    base = _reset_peak(dev)
+    sec = _time(step, dev, a['warmup'], a['iters'])
+    return dict(seconds=sec, peak_mib=_peak(dev) - base)
+
+
+def _worker(spec: Dict) -> Dict:
+    cmd = [sys.executable, os.path.abspath(__file__), '--worker', json.dumps(spec)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec['threads']))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ['?']
+        return dict(error=tail[0])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--models', nargs='+', default=DEFAULT_MODELS)
+    ap.add_argument('--modes', nargs='+', default=['infer', 'train'], choices=['infer', 'train'])
+    ap.add_argument('--size', type=int, nargs=2, default=[224, 224], metavar=('H', 'W'))
+    ap.add_argument('--batch', type=int, default=8)
+    ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--dtype', default='fp32', choices=list(DTYPES))
+    ap.add_argument('--channels-last', action='store_true')
+    ap.add_argument('--backbone', action='store_true', help='features only (no classifier), as in det/seg')
+    ap.add_argument('--warmup', type=int, default=1)
+    ap.add_argument('--iters', type=int, default=3)
+    ap.add_argument('--ops', action='store_true', help='benchmark the aggregation operator instead of models')
+    ap.add_argument('--op-shapes', nargs='+', default=list(OP_SHAPES))
+    ap.add_argument('--json', help='write all rows to this file')
+    ap.add_argument('--worker', help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        torch.set_num_threads(spec['threads'])
+        print(json.dumps(run_op(spec) if spec.get('kind') == 'op' else run_model(spec)))
+        return
+    common = dict(device=args.device, threads=args.threads, batch=args.batch, warmup=args.warmup, iters=args.iters)
+    rows: List[Dict] = []
+    if args.ops:
+        print(f'aggregation fwd+bwd, batch {args.batch}, {args.device}, {args.threads} threads')
+        print(f"{'shape':22}{'ours ms':>10}{'unfold ms':>11}{'speed-up':>10}{'ours MiB':>10}{'unfold MiB':>12}{'mem ratio':>11}")
+        for shape in args.op_shapes:
+            r = {impl: _worker(dict(common, kind='op', shape=shape, impl=impl)) for impl in ('ours', 'unfold')}
+            o, u = r['ours'], r['unfold']
+            row = dict(shape=shape, ours=o, unfold=u)
+            if 'error' not in o and 'error' not in u:
+                row.update(speedup=u['seconds'] / o['seconds'], mem_ratio=u['peak_mib'] / max(o['peak_mib'], 1e-3))
+                print(f"{shape:22}{o['seconds'] * 1e3:10.1f}{u['seconds'] * 1e3:11.1f}{row['speedup']:10.1f}"
+                      f"{o['peak_mib']:10.1f}{u['peak_mib']:12.1f}{row['mem_ratio']:11.1f}")
+            else:
+                print(f'{shape:22} error: {o.get("error") or u.get("error")}')
+            rows.append(row)
+            sys.stdout.flush()
+    else:
+        h, w = args.size
+        print(f"{h}x{w}, batch {args.batch}, {args.device}, {args.threads} threads, {args.dtype}"
+              f"{', channels_last' if args.channels_last else ''}{', backbone only' if args.backbone else ''}")
+        print(f"{'model':18}{'mode':7}{'ms/step':>10}{'img/s':>9}{'peak MiB':>10}{'params M':>10}")
+        for model in args.models:
+            for mode in args.modes:
+                r = _worker(dict(common, kind='model', model=model, mode=mode, size=[h, w], dtype=args.dtype,
+                                 channels_last=args.channels_last, backbone=args.backbone))
+                rows.append(dict(model=model, mode=mode, size=[h, w], **r))
+                if 'error' in r:
+                    print(f'{model:18}{mode:7} error: {r["error"]}')
+                else:
+                    print(f"{model:18}{mode:7}{r['seconds'] * 1e3:10.1f}{r['images_per_s']:9.2f}"
+                          f"{r['peak_mib']:10.0f}{r['params_m']:10.2f}")
+                sys.stdout.flush()
+        by = {(r['model'], r['mode']): r for r in rows if 'error' not in r}
+        for ours, peer in (('overlock_t', 'convnext_tiny'), ('overlock_s', 'convnext_small')):
+            for mode in args.modes:
+                if (ours, mode) in by and (peer, mode) in by:
+                    a, b = by[(ours, mode)], by[(peer, mode)]
+                    print(f'{ours}/{peer} {mode}: time x{a["seconds"] / b["seconds"]:.2f}, '
+                          f'peak memory x{a["peak_mib"] / max(b["peak_mib"], 1e-3):.2f}')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+        print(f'wrote {args.json}')
+
+
+if __name__ == '__main__':
+    main()
