@@ -11,7 +11,6 @@ import sys
 import cv2
 import numpy as np
 import pytest
-import torch
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PY = sys.executable

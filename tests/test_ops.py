@@ -5,7 +5,7 @@ import torch
 from overlock_core.models.layers import DynamicConvBlock
 from overlock_core.ops import na2d_av, na2d_av_reference, na2d_av_unfold, rpb_bias, window_starts
 
-SHAPES = [(14, 20, 13), (13, 13, 13), (9, 30, 5), (7, 7, 7), (13, 17, 13), (6, 11, 3)]
+SHAPES = [(14, 20, 13), (13, 13, 13), (9, 30, 5), (7, 7, 7), (13, 17, 13), (6, 11, 3), (9, 37, 5), (15, 40, 13)]
 
 
 @pytest.mark.parametrize('h,w,k', SHAPES)
@@ -17,7 +17,7 @@ def test_na2d_matches_reference_and_unfold(h, w, k):
     torch.testing.assert_close(na2d_av_unfold(attn, value, k), ref, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize('h,w,k', [(5, 4, 3), (3, 7, 3), (5, 5, 5)])
+@pytest.mark.parametrize('h,w,k', [(5, 4, 3), (3, 7, 3), (5, 5, 5), (3, 19, 3)])
 def test_na2d_gradcheck(h, w, k):
     attn = torch.randn(2, k * k, h, w, dtype=torch.float64, requires_grad=True)
     value = torch.randn(2, 3, h, w, dtype=torch.float64, requires_grad=True)
@@ -65,3 +65,12 @@ def test_contmix_half_precision_stays_finite():
     with torch.no_grad():
         y32, _ = blk(x, ctx, ctx)
     assert y32.dtype == torch.float32 and torch.isfinite(y32).all()
+
+
+def test_blocks_trace_without_graph_breaks():
+    """torch.compile sees each block (ContMix and its autograd operator included) as one graph."""
+    import torch._dynamo as dynamo
+    from overlock_core.models.layers import RepConvBlock
+    x, ctx = torch.randn(1, 32, 9, 9), torch.randn(1, 12, 9, 9)
+    assert dynamo.explain(DynamicConvBlock(32, 12, 7, 5, 2))(x, ctx, ctx).graph_break_count == 0
+    assert dynamo.explain(RepConvBlock(16, 7))(torch.randn(1, 16, 9, 9)).graph_break_count == 0

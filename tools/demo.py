@@ -4,12 +4,14 @@
 Why: one command that exercises the real pipelines end to end (the same launchers, configs and metrics as a
 full run, only on `test_overlock` and tiny synthetic data), and leaves a readable artefact behind:
 outputs/demo/report.md with the complexity table next to the paper's numbers, the demo metrics, training
-curves and prediction images. Runs in well under 20 minutes on a 2-core CPU (`--quick`: a few minutes).
+curves and prediction images. `--quick` shortens every training run (a few minutes of training in total).
 
-Stages: data, complexity, {cls,det,seg}-train, {cls,det,seg}-test, {det,seg}-predict, report. A failing stage
-is reported by name, the remaining independent stages still run, and the exit status is 1.
+Stages: data, complexity (cached while the model code is unchanged), {cls,det,seg}-train, {cls,det,seg}-test,
+{cls,det,seg}-curves, {det,seg}-predict, report. A failing stage is reported by name, the remaining independent
+stages still run, and the exit status is 1. Logs: <out>/logs/<stage>.log.
 
 Usage: python tools/demo.py [--quick] [--only cls,det,seg] [--skip-data] [--out outputs/demo]
+       python tools/demo.py --only none --skip-data     # only rebuild the report from the existing work dirs
 """
 import argparse
 import json
@@ -274,13 +276,14 @@ def predict_seg(config, ckpt, data, out_png, n=4):
         img = np.asarray(Image.open(f).convert('RGB'), np.float32)
         gt = np.asarray(Image.open(Path(data) / 'ade/annotations/validation' / f'{f.stem}.png'))
         pred = inference_model(model, str(f)).pred_sem_seg.data[0].cpu().numpy() + 1  # classes 0..2 -> labels 1..3
-        panels = [img]
-        for lab in (gt, pred):
-            col = lut[np.clip(lab, 0, 255)]
-            panels.append(np.where(lab[..., None] > 0, 0.45 * img + 0.55 * col, img))
+        panels = [img, lut[np.clip(gt, 0, 255)], lut[np.clip(pred, 0, 255)]]  # image, GT map, predicted map
         rows.append(np.concatenate([p.clip(0, 255).astype(np.uint8) for p in panels], 1))
     grid = np.concatenate([np.pad(r, ((0, 4), (0, 0), (0, 0)), constant_values=255) for r in rows], 0)
     grid = cv2.resize(grid, None, fx=1.5, fy=1.5, interpolation=cv2.INTER_NEAREST)
+    legend = np.full((22, grid.shape[1], 3), 255, np.uint8)
+    for i, name in enumerate(SHAPES):
+        cv2.putText(legend, name, (8 + 90 * i, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, COLOURS[i], 2, cv2.LINE_AA)
+    grid = np.concatenate([legend, grid], 0)
     Image.fromarray(grid).save(out_png)
     return out_png
 
@@ -305,9 +308,9 @@ def complexity_table(cx):
 
 
 def write_report(demo, work_dirs, cx, images, t_start):
-    out, a = demo.out, demo.args
+    out = demo.out
     md = [f'# OverLoCK demo report\n',
-          f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} · mode: {"quick" if a.quick else "full"} · '
+          f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} · mode: {demo.mode} · '
           f'{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()} · '
           f'total {time.time() - t_start:.0f} s\n',
           'The demo trains `test_overlock` (one block per stage) on the synthetic shapes data of '
@@ -334,12 +337,24 @@ def write_report(demo, work_dirs, cx, images, t_start):
             for t, p in pics:
                 md.append(f'**{t}**\n\n![{t} {key}]({Path(p).relative_to(out)})\n')
     if any(k == 'pred' and t == 'seg' for t, k in images):
-        md.append('Segmentation panels: image / ground truth / prediction. Label 0 is ignored in training '
-                  '(reduce_zero_label), so the model assigns one of the three shapes to every pixel.\n')
-    md += ['## Reproduce\n', '```', f'python tools/demo.py{" --quick" if a.quick else ""}',
+        md.append('Segmentation panels: image / ground truth / prediction (black = label 0). Label 0 is ignored in '
+                  'training (reduce_zero_label), so the model assigns one of the three shapes to every pixel.\n')
+    md += ['## Reproduce\n', '```', f'python tools/demo.py{" --quick" if demo.mode == "quick" else ""}',
            'python tools/collect_results.py work_dirs --out outputs/results', '```', '']
     (out / 'report.md').write_text('\n'.join(md))
     return out / 'report.md'
+
+
+def merge_previous_stages(demo, tasks):
+    """Keep the earlier runs' train/test rows (and mode) for tasks not re-run now, e.g. after `--only det`."""
+    path = demo.out / 'stages.json'
+    prev = collect_results._load_json(path) or {}
+    now = {n for n, *_ in demo.stages}
+    kept = [tuple(r) for r in prev.get('stages', []) if r[0].split('-')[0] in TASKS and
+            r[0].split('-')[0] not in tasks and r[0] not in now and r[0].split('-')[1] in ('train', 'test')]
+    demo.stages = kept + demo.stages
+    demo.mode = ('quick' if demo.args.quick else 'full') if tasks else prev.get('mode', 'full')
+    path.write_text(json.dumps(dict(mode=demo.mode, stages=demo.stages), indent=1))
 
 
 def main(argv=None):
@@ -383,8 +398,9 @@ def main(argv=None):
             continue
         fn = predict_det if t == 'det' else predict_seg
         images[(t, 'pred')] = demo.step(f'{t}-predict', fn, TASKS[t][0], ckpt, args.data, demo.out / f'pred_{t}.png')
+    merge_previous_stages(demo, tasks)
     report = demo.step('report', write_report, demo, work_dirs, cx, images, t_start)
-    print(f'[demo] report: {report}  ({time.time() - t_start:.0f}s total)')
+    print(f'[demo] done: {report}  ({time.time() - t_start:.0f}s)')
     if demo.failed:
         print(f'[demo] FAILED stage(s): {", ".join(demo.failed)} (logs in {demo.logs})', file=sys.stderr)
         return 1

@@ -13,8 +13,7 @@ them) are added with :func:`torch.serialization.add_safe_globals`:
 * ``mmengine.logging.history_buffer.HistoryBuffer``
 * ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``, ``numpy.dtype`` and ``numpy.dtypes.Float64DType``
   (the buffers' float64 arrays)
-* ``numpy.core.multiarray.scalar``, ``numpy.dtypes.Float32DType``, ``numpy.dtypes.Int64DType`` (numpy scalars
-  among logged values)
+* ``numpy.core.multiarray.scalar``, ``numpy.dtypes.Int64DType`` (numpy scalars among the logged values)
 * ``builtins.getattr`` -- served by :func:`_history_buffer_getattr`, a stand-in that only resolves
   ``HistoryBuffer.{min,max,current,mean}`` (a HistoryBuffer pickles its statistics functions that way); the real
   ``getattr`` is never allow-listed.
@@ -43,9 +42,9 @@ def _numpy_globals() -> List[Any]:
         from numpy._core.multiarray import _reconstruct, scalar
     out: List[Any] = [_reconstruct, scalar, np.ndarray, np.dtype]
     # numpy >= 1.25 rebuilds a pickled dtype through its concrete class (BUILD on numpy.dtypes.Float64DType, ...):
-    # float64 = HistoryBuffer arrays; float32 / int64 = numpy scalars that end up among logged values.
+    # float64 = HistoryBuffer arrays; int64 = numpy integer scalars among the logged values.
     dtypes_mod = getattr(np, 'dtypes', None)
-    for name in ('Float64DType', 'Float32DType', 'Int64DType'):
+    for name in ('Float64DType', 'Int64DType'):
         cls = getattr(dtypes_mod, name, None) if dtypes_mod is not None else None
         if cls is not None:
             out.append(cls)

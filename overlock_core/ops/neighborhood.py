@@ -10,9 +10,9 @@ Layouts used throughout (so no permute/copy is needed around the op):
     out:   (N, c, H, W)
 
 ``na2d_av`` is its own autograd function: forward and backward loop over the K window rows, gather the rows the
-windows read once, and turn the column part of the windows into banded matrices, so the work runs as batched
-matmuls and never holds a K*K-times copy of the values or of their gradient (transient memory O(N*H*W*(c + W)),
-below the N*H*W*K*K of the unfold formulation whenever the map is narrower than K*K). ``na2d_av_unfold`` is the plain formulation (unfold the windows, replicate-pad the
+windows read once, and turn the column part of the windows into small banded tile matrices, so the work runs as
+batched matmuls and never holds a K*K-times copy of the values or of their gradient (transient memory
+O(N*H*W*(c + 16 + K)), against the N*H*W*c*K*K of the unfold formulation). ``na2d_av_unfold`` is the plain formulation (unfold the windows, replicate-pad the
 borders, weighted sum) kept for benchmarks, ``na2d_av_reference`` a direct loop over pixels kept for tests.
 """
 from typing import Tuple
@@ -51,33 +51,70 @@ def rpb_bias(rpb: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return rpb.reshape(heads, size * size)[:, flat].reshape(heads, k * k, height, width)
 
 
-def _band(rows_weights: torch.Tensor, cols: torch.Tensor, width: int) -> torch.Tensor:
-    """Scatter per-pixel weights (R, W, K) into banded matrices (R, W, W): entry [j, cols[b, j]] = weight[j, b]."""
-    r, w, k = rows_weights.shape
-    band = rows_weights.new_zeros(r, w, width)
-    return band.scatter_(2, cols.t().unsqueeze(0).expand(r, w, k), rows_weights)
+TILE = 16  # output columns per band tile
+
+
+class _Tiles:
+    """Column tiling of a clamped-window aggregation along W.
+
+    Output columns are cut into tiles of ``TILE``; tile t reads the ``S = TILE + K - 1`` source columns starting at
+    ``src0[t]`` (clamped inside the map), which hold every window of its columns. Per image row the window weights
+    of a tile form a small banded (TILE x S) matrix, so aggregation and both gradients become batched matmuls of
+    size TILE x S instead of K*K element-wise passes (and instead of a full W x W band)."""
+
+    def __init__(self, width: int, ks: int, device):
+        self.width, self.ks = width, ks
+        self.tile = min(TILE, width)
+        self.n = -(-width // self.tile)
+        self.padded = self.n * self.tile
+        self.span = min(self.tile + ks - 1, width)
+        t0 = torch.arange(self.n, device=device) * self.tile
+        src0 = (t0 - ks // 2).clamp(0, width - self.span)
+        self.src = (src0[:, None] + torch.arange(self.span, device=device)).reshape(-1)  # (n * S,)
+        cols = _window_indices(width, ks, device).t()  # (W, K): source column of slot b for output column j
+        local = cols - src0.repeat_interleave(self.tile)[:width, None]
+        local = torch.cat([local, local.new_zeros(self.padded - width, ks)])  # padded columns: weight 0
+        self.local = local.reshape(self.n, self.tile, ks)
+
+    def blocks(self, rows: torch.Tensor) -> torch.Tensor:
+        """(R, W, c) -> (R, n, S, c) source blocks."""
+        r, _, c = rows.shape
+        return rows.index_select(1, self.src).reshape(r, self.n, self.span, c)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, W, X) -> (R, n, TILE, X), zero-padded past the last column."""
+        r, w, k = x.shape
+        if self.padded > w:
+            x = torch.cat([x, x.new_zeros(r, self.padded - w, k)], 1)
+        return x.reshape(r, self.n, self.tile, k)
+
+    def band(self, weights: torch.Tensor) -> torch.Tensor:
+        """(R, W, K) window weights -> (R, n, TILE, S) banded matrices."""
+        w = self.pad(weights)
+        idx = self.local.unsqueeze(0).expand(w.shape[0], -1, -1, -1)
+        return w.new_zeros(*w.shape[:3], self.span).scatter_(3, idx, w)
 
 
 class _NeighborhoodAV(torch.autograd.Function):
-    """One window row ``a`` at a time: the rows the windows read are gathered once (an (N, H, W, c) copy), and the
-    column part of the window becomes a banded (W x W) matrix per image row, so aggregation and both gradients are
-    batched matmuls (GEMM speed) instead of K*K element-wise passes. Transient memory: one (N, H, W, c) copy and
-    one (N, H, W, W) band, never K*K copies of the values."""
+    """One window row ``a`` at a time: the image rows the windows read are gathered once, and the column part of the
+    windows becomes banded tile matrices (see ``_Tiles``), so the work runs as batched matmuls. Transient memory per
+    step: a few (N, H, W, c)-sized blocks and (N, H, W, TILE + K - 1) bands, never K*K copies of the values."""
 
     @staticmethod
     def forward(ctx, attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
         n, c, h, w = value.shape
         ks = kernel_size
         rows = _window_indices(h, ks, value.device)
-        cols = _window_indices(w, ks, value.device)
+        tiles = _Tiles(w, ks, value.device)
         v_t = value.permute(0, 2, 3, 1).contiguous()  # (N, H, W, c)
         a_t = attn.reshape(n, ks, ks, h, w).permute(1, 0, 3, 4, 2).contiguous()  # (K_rows, N, H, W, K_cols)
-        out = value.new_zeros(n * h, w, c)
+        out = value.new_zeros(n * h, tiles.n, tiles.tile, c)
         for a in range(ks):
-            v_rows = v_t.index_select(1, rows[a]).reshape(n * h, w, c)
-            out.baddbmm_(_band(a_t[a].reshape(n * h, w, ks), cols, w), v_rows)
+            src = tiles.blocks(v_t.index_select(1, rows[a]).reshape(n * h, w, c))
+            out += torch.matmul(tiles.band(a_t[a].reshape(n * h, w, ks)), src)
         ctx.save_for_backward(a_t, v_t)
         ctx.shape = (n, c, h, w, ks)
+        out = out.reshape(n * h, tiles.padded, c)[:, :w]
         return out.reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
 
     @staticmethod
@@ -85,20 +122,21 @@ class _NeighborhoodAV(torch.autograd.Function):
         a_t, v_t = ctx.saved_tensors
         n, c, h, w, ks = ctx.shape
         rows = _window_indices(h, ks, v_t.device)
-        cols = _window_indices(w, ks, v_t.device)
-        g_t = grad_out.permute(0, 2, 3, 1).reshape(n * h, w, c)
+        tiles = _Tiles(w, ks, v_t.device)
+        g_blk = tiles.pad(grad_out.permute(0, 2, 3, 1).reshape(n * h, w, c))  # (NH, n, TILE, c)
         need_attn, need_value = ctx.needs_input_grad[:2]
         grad_a = torch.empty_like(a_t) if need_attn else None
         grad_v = torch.zeros_like(v_t) if need_value else None
-        col_idx = cols.t().unsqueeze(0).expand(n * h, w, ks)
+        idx = tiles.local.unsqueeze(0).expand(n * h, -1, -1, -1)
         for a in range(ks):
             if need_attn:
-                v_rows = v_t.index_select(1, rows[a]).reshape(n * h, w, c)
-                pair = torch.bmm(g_t, v_rows.transpose(1, 2))  # (NH, W, W): <grad_out[j], value[j']>
-                grad_a[a] = pair.gather(2, col_idx).reshape(n, h, w, ks)
+                src = tiles.blocks(v_t.index_select(1, rows[a]).reshape(n * h, w, c))
+                pair = torch.matmul(g_blk, src.transpose(2, 3))  # (NH, n, TILE, S)
+                grad_a[a] = pair.gather(3, idx).reshape(n * h, tiles.padded, ks)[:, :w].reshape(n, h, w, ks)
             if need_value:
-                band = _band(a_t[a].reshape(n * h, w, ks), cols, w)
-                grad_v.index_add_(1, rows[a], torch.bmm(band.transpose(1, 2), g_t).reshape(n, h, w, c))
+                g_src = torch.matmul(tiles.band(a_t[a].reshape(n * h, w, ks)).transpose(2, 3), g_blk)
+                g_rows = v_t.new_zeros(n * h, w, c).index_add_(1, tiles.src, g_src.reshape(n * h, -1, c))
+                grad_v.index_add_(1, rows[a], g_rows.reshape(n, h, w, c))
         grad_attn = grad_a.permute(1, 0, 4, 2, 3).reshape(n, ks * ks, h, w) if need_attn else None
         grad_value = grad_v.permute(0, 3, 1, 2).contiguous() if need_value else None
         return grad_attn, grad_value, None
