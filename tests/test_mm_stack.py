@@ -21,17 +21,28 @@ SEG_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'seg', '*.py')))
 
 # ----------------------------------------------------------------------------------------------------- the stack
 def test_mmcv_compiled_ops_run_on_cpu():
-    from mmcv.ops import RoIAlign, nms
+    """mmcv._ext loads; nms and RoIAlign (forward and backward) agree with torchvision's reference ops."""
+    import torchvision
+    from mmcv.ops import RoIAlign, nms, roi_align
     boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 11., 11.], [50., 50., 60., 60.]])
     scores = torch.tensor([0.9, 0.8, 0.7])
     dets, keep = nms(boxes, scores, iou_threshold=0.5)
-    assert keep.tolist() == [0, 2]
-    assert dets.shape == (2, 5)
-    feat = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8)
-    rois = torch.tensor([[0., 0., 0., 4., 4.]])
-    out = RoIAlign((2, 2), spatial_scale=1.0, sampling_ratio=2, aligned=True)(feat, rois)
-    assert out.shape == (1, 1, 2, 2) and torch.isfinite(out).all()
-    assert out[0, 0, 0, 0] < out[0, 0, 1, 1]  # rows grow downwards in the ramp
+    assert keep.tolist() == [0, 2] and dets.shape == (2, 5)
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.rand(200, 4, generator=g) * 50
+    boxes[:, 2:] += boxes[:, :2]
+    scores = torch.rand(200, generator=g)
+    assert torch.equal(nms(boxes, scores, 0.5)[1].sort()[0], torchvision.ops.nms(boxes, scores, 0.5).sort()[0])
+
+    x = torch.randn(2, 8, 32, 40, generator=g, requires_grad=True)
+    rois = torch.tensor([[0, 3.2, 4.1, 20.5, 17.3], [1, 0., 0., 39., 31.], [0, 10., 5., 12., 30.]])
+    a = roi_align(x, rois, (7, 7), 0.5, 2, 'avg', True)
+    b = torchvision.ops.roi_align(x, rois, (7, 7), 0.5, 2, aligned=True)
+    torch.testing.assert_close(a, b)
+    ga, = torch.autograd.grad(a.sum(), x)
+    gb, = torch.autograd.grad(b.sum(), x)
+    torch.testing.assert_close(ga, gb)
+    assert RoIAlign((2, 2), 1.0, 2, aligned=True)(x, rois).shape == (3, 8, 2, 2)
 
 
 def test_mmdet_mmseg_import_and_share_the_root_registry():

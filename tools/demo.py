@@ -43,7 +43,7 @@ QUICK = {
     'seg': ['train_cfg.max_iters=40', 'train_cfg.val_interval=40', 'default_hooks.checkpoint.interval=40',
             'default_hooks.logger.interval=5'],
 }
-METRIC_NAMES = {'top1': 'Top-1 (%)', 'top5': 'Top-5 (%)', 'bbox_mAP': 'AP^b', 'segm_mAP': 'AP^m', 'mIoU': 'mIoU',
+METRIC_NAMES = {'top1': 'Top-1 (%, last epoch)', 'top5': 'Top-5 (%)', 'bbox_mAP': 'AP^b', 'segm_mAP': 'AP^m', 'mIoU': 'mIoU',
                 'aAcc': 'aAcc (%)'}
 SHAPES = make_demo_data.SHAPE_CLASSES
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200)]  # RGB per shape class
@@ -327,7 +327,7 @@ def write_report(demo, work_dirs, cx, images, t_start):
                       f'{collect_results._f(rec["metrics"].get(k), 2)} | `{wd}` |')
         deploy = collect_results._load_json(Path(wd) / 'eval' / 'results.json') if task == 'cls' else None
         if deploy:
-            md.append(f'| cls | `{TASKS[task][0]}` | Top-1 (%), re-parameterised | '
+            md.append(f'| cls | `{TASKS[task][0]}` | Top-1 (%), best checkpoint re-parameterised | '
                       f'{collect_results._f(deploy.get("top1"), 2)} | `{wd}/eval` |')
     md.append('')
     for title, key in (('Training curves', 'curves'), ('Predictions', 'pred')):

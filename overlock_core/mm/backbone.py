@@ -127,9 +127,7 @@ class OverLoCKBackbone(OverLoCK):
     @property
     def out_channels(self) -> Tuple[int, ...]:
         """Channels of the returned maps (what ``neck.in_channels`` / ``decode_head.in_channels`` must be)."""
-        from overlock_core.models import dense_channels
-        chs = dense_channels(self.arch_name)
-        return tuple(chs[i] for i in self.out_indices)
+        return tuple(self.feature_info[i]['num_chs'] for i in self.out_indices)  # honours dims overrides
 
     def _frozen_prefixes(self) -> Tuple[str, ...]:
         return tuple(p for stage in STAGE_PREFIXES[:self.frozen_stages + 1] for p in stage)
