@@ -479,3 +479,28 @@ def test_test_tool_tta_and_data_root(tmp_path):
     assert cfg.test_evaluator.ann_file == '/x/coco/annotations/instances_val.json'
     with pytest.raises(SystemExit):  # no mask TTA in mmdet
         test.build_cfg(test.parse_args([osp.join(ROOT, 'configs', 'det', 'demo_maskrcnn.py'), str(ck), '--tta']))
+
+
+def test_runner_checkpoints_are_written_atomically(tmp_path):
+    import mmengine.runner.runner as mm_runner
+    import torch
+    import overlock_core.mm  # noqa: F401
+    from overlock_core.mm.atomic import atomic_save_checkpoint
+    assert mm_runner.save_checkpoint is atomic_save_checkpoint
+    path = tmp_path / 'epoch_1.pth'
+    mm_runner.save_checkpoint({'state_dict': {'w': torch.ones(3)}, 'meta': {'epoch': 1}}, str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['epoch_1.pth']
+    assert torch.load(path, weights_only=True)['meta']['epoch'] == 1
+
+
+def test_nonfinite_loss_stops_before_saving(tmp_path):
+    import pytest
+    import torch
+    from types import SimpleNamespace
+    from overlock_core.mm import NonFiniteLossHook
+    (tmp_path / 'epoch_2.pth').write_bytes(b'x')
+    runner = SimpleNamespace(work_dir=str(tmp_path), iter=41, epoch=2)
+    hook = NonFiniteLossHook()
+    hook.after_train_iter(runner, 0, outputs={'loss': torch.tensor(1.5)})
+    with pytest.raises(RuntimeError, match=r'non-finite loss \(nan\) at iteration 42.*epoch_2\.pth'):
+        hook.after_train_iter(runner, 0, outputs={'loss': torch.tensor(float('nan'))})

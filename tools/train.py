@@ -89,6 +89,9 @@ def build_cfg(args) -> Config:
         cfg.resume = True
         cfg.load_from = args.resume
 
+    hooks = list(cfg.get('custom_hooks', None) or [])
+    if not any(h.get('type') == 'NonFiniteLossHook' for h in hooks):
+        cfg.custom_hooks = hooks + [dict(type='NonFiniteLossHook')]  # stop at the first NaN/inf loss
     setup_distributed_env(cfg, args.launcher)
     return cfg
 

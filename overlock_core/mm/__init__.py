@@ -6,6 +6,7 @@ Importing this package
   and ``default_scope='mmseg'`` configs build it),
 * registers ``OverLoCKOptimWrapperConstructor`` in ``mmengine.registry.OPTIM_WRAPPER_CONSTRUCTORS``,
 * registers ``CPUDistributedDataParallel`` in ``mmengine.registry.MODEL_WRAPPERS`` (gloo runs on CPU machines),
+* makes the Runner's checkpoint writes atomic (:mod:`overlock_core.mm.atomic`),
 * adds the few classes mmengine's own checkpoints contain to torch's ``weights_only`` allow-list
   (:mod:`overlock_core.mm.safe_load`), so ``--resume`` works under torch >= 2.6 without ``weights_only=False``.
 
@@ -15,9 +16,14 @@ from .safe_load import MMENGINE_SAFE_GLOBALS, allow_mmengine_checkpoints
 
 allow_mmengine_checkpoints()
 
+from .atomic import install as _install_atomic_saving  # noqa: E402
+
+_install_atomic_saving()  # Runner checkpoints: temp file + rename, never a truncated epoch_N.pth
+
 from .backbone import OverLoCKBackbone  # noqa: E402
 from .dist import CPUDistributedDataParallel  # noqa: E402
+from .hooks import NonFiniteLossHook  # noqa: E402
 from .optim import OverLoCKOptimWrapperConstructor  # noqa: E402
 
-__all__ = ['OverLoCKBackbone', 'OverLoCKOptimWrapperConstructor', 'CPUDistributedDataParallel',
+__all__ = ['OverLoCKBackbone', 'NonFiniteLossHook', 'OverLoCKOptimWrapperConstructor', 'CPUDistributedDataParallel',
            'MMENGINE_SAFE_GLOBALS', 'allow_mmengine_checkpoints']
