@@ -120,7 +120,8 @@ class Demo:
 def ensure_data(data, force=False):
     need = [Path(data) / 'cls' / 'val', Path(data) / 'coco/annotations/instances_val.json',
             Path(data) / 'ade/annotations/validation']
-    if force or not all(p.exists() for p in need):
+    stale = any(p.exists() and p.stat().st_mtime < Path(make_demo_data.__file__).stat().st_mtime for p in need)
+    if force or stale or not all(p.exists() for p in need):  # regenerate when the generator changed
         make_demo_data.main(['--out', str(data)])
     return True
 
