@@ -24,6 +24,7 @@ from mmengine.dist import is_main_process  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from overlock_core.mm.runner_utils import shutdown_distributed  # noqa: E402
 from overlock_core.mm.runner_utils import (apply_data_root, import_task, prepare_work_dir,  # noqa: E402
                                            setup_distributed_env, summarise_metrics, task_of,
                                            write_results_json)
@@ -120,6 +121,7 @@ def main(argv=None):
         write_results_json(path, payload)
         print(f'results written to {path}: ' + ', '.join(f'{k}={v}' for k, v in payload.items()
                                                           if isinstance(v, float)))
+    shutdown_distributed()
     return metrics
 
 

@@ -25,6 +25,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from overlock_core.mm.runner_utils import shutdown_distributed  # noqa: E402
 from overlock_core.mm.runner_utils import (apply_data_root, import_task, prepare_work_dir,  # noqa: E402
                                            setup_distributed_env, task_of)
 
@@ -101,6 +102,7 @@ def main(argv=None):
     cfg = build_cfg(args)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()
+    shutdown_distributed()
 
 
 if __name__ == '__main__':

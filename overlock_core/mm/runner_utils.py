@@ -125,3 +125,12 @@ def write_results_json(path: str, payload: Dict[str, Any]) -> None:
         json.dump(payload, f, indent=2, sort_keys=False)
         f.write('\n')
     os.replace(tmp, path)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group before exit: gloo's worker threads left to interpreter teardown can abort a rank
+    ("terminate called without an active exception") after a run that otherwise succeeded."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
