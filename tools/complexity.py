@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import overlock_core  # noqa: F401
 from overlock_core.models import OverLoCK
 from overlock_core.models import layers
-from overlock_core.models.layers import DilatedReparamBlock, DynamicConvBlock
+from overlock_core.models.layers import DilatedReparamBlock, DynamicConvBlock, contmix_size
 
 PAPER = {'xt': (16, 2.6, 82.7), 't': (33, 5.5, 84.2), 's': (56, 9.7, 84.8), 'b': (95, 16.7, 85.1)}
 
@@ -40,10 +40,7 @@ def _na2d_hooks(model: nn.Module, store: List[float]):
         if mod.mixer != 'contmix':
             return
         x = args[0]
-        h, w = x.shape[-2:]
-        if min(h, w) < mod.kernel_size:  # small-map rule: computed at the resized size
-            h, w = (mod.kernel_size, int(mod.kernel_size / h * w)) if h < w else (int(mod.kernel_size / w * h),
-                                                                                   mod.kernel_size)
+        h, w = contmix_size(*x.shape[-2:], mod.kernel_size)  # small-map rule: computed at the resized size
         half = mod.dim // 2
         store.append(x.shape[0] * half * h * w * (mod.smk_size ** 2 + mod.kernel_size ** 2))
     return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DynamicConvBlock)]

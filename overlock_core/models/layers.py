@@ -173,6 +173,14 @@ class ContextDownsample(nn.Module):
         return self.x_proj(x), self.h_proj(ctx)
 
 
+def contmix_size(h: int, w: int, kernel_size: int) -> Tuple[int, int]:
+    """The map size ContMix works at: the small-map rule raises the short side to K so that a K x K window fits
+    (spec B.4 step 5); maps at least K wide keep their size."""
+    if min(h, w) >= kernel_size:
+        return h, w
+    return (kernel_size, int(kernel_size / h * w)) if h < w else (int(kernel_size / w * h), kernel_size)
+
+
 class DynamicConvBlock(nn.Module):
     """Focus-Net block with ContMix (spec B.4).
 
@@ -238,9 +246,9 @@ class DynamicConvBlock(nn.Module):
         ks, sk, g = self.kernel_size, self.smk_size, self.num_heads
         if self.mixer == 'static':
             return self.static_conv(f)
-        resized = min(h, w) < ks
-        if resized:  # small-map rule: short side up to K so that a K x K window fits (spec B.4 step 5)
-            size = (ks, int(ks / h * w)) if h < w else (int(ks / w * h), ks)
+        size = contmix_size(h, w, ks)
+        resized = size != (h, w)
+        if resized:
             f = F.interpolate(f, size=size, mode='bilinear', align_corners=False)
             zn = F.interpolate(zn, size=size, mode='bilinear', align_corners=False)
         hh, ww = f.shape[-2:]

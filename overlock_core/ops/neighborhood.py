@@ -76,10 +76,11 @@ class _Tiles:
         local = torch.cat([local, local.new_zeros(self.padded - width, ks)])  # padded columns: weight 0
         self.local = local.reshape(self.n, self.tile, ks)
 
-    def blocks(self, rows: torch.Tensor) -> torch.Tensor:
-        """(R, W, c) -> (R, n, S, c) source blocks."""
-        r, _, c = rows.shape
-        return rows.index_select(1, self.src).reshape(r, self.n, self.span, c)
+    def blocks(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, c) values, the image rows window row ``a`` reads (H,) -> (N*H, n, S, c) source blocks."""
+        n, h, w, c = values.shape
+        return values.index_select(1, rows).reshape(n * h, w, c).index_select(1, self.src).reshape(
+            n * h, self.n, self.span, c)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(R, W, X) -> (R, n, TILE, X), zero-padded past the last column."""
@@ -110,7 +111,7 @@ class _NeighborhoodAV(torch.autograd.Function):
         a_t = attn.reshape(n, ks, ks, h, w).permute(1, 0, 3, 4, 2).contiguous()  # (K_rows, N, H, W, K_cols)
         out = value.new_zeros(n * h, tiles.n, tiles.tile, c)
         for a in range(ks):
-            src = tiles.blocks(v_t.index_select(1, rows[a]).reshape(n * h, w, c))
+            src = tiles.blocks(v_t, rows[a])
             out += torch.matmul(tiles.band(a_t[a].reshape(n * h, w, ks)), src)
         ctx.save_for_backward(a_t, v_t)
         ctx.shape = (n, c, h, w, ks)
@@ -130,7 +131,7 @@ class _NeighborhoodAV(torch.autograd.Function):
         idx = tiles.local.unsqueeze(0).expand(n * h, -1, -1, -1)
         for a in range(ks):
             if need_attn:
-                src = tiles.blocks(v_t.index_select(1, rows[a]).reshape(n * h, w, c))
+                src = tiles.blocks(v_t, rows[a])
                 pair = torch.matmul(g_blk, src.transpose(2, 3))  # (NH, n, TILE, S)
                 grad_a[a] = pair.gather(3, idx).reshape(n * h, tiles.padded, ks)[:, :w].reshape(n, h, w, ks)
             if need_value:
