@@ -504,3 +504,82 @@ def test_nonfinite_loss_stops_before_saving(tmp_path):
     hook.after_train_iter(runner, 0, outputs={'loss': torch.tensor(1.5)})
     with pytest.raises(RuntimeError, match=r'non-finite loss \(nan\) at iteration 42.*epoch_2\.pth'):
         hook.after_train_iter(runner, 0, outputs={'loss': torch.tensor(float('nan'))})
+
+
+def test_unknown_cfg_option_is_refused_before_work():
+    from mmengine.config import Config
+    from overlock_core.mm.runner_utils import merge_cfg_options
+    import mmdet  # noqa: F401
+    cfg_path = osp.join(ROOT, 'configs', 'det', 'demo_maskrcnn.py')
+    with pytest.raises(SystemExit, match="unknown key 'lrr' in optim_wrapper.optimizer"):
+        merge_cfg_options(Config.fromfile(cfg_path), {'optim_wrapper.optimizer.lrr': 0.1})
+    with pytest.raises(SystemExit, match="unknown key 'bakbone'"):
+        merge_cfg_options(Config.fromfile(cfg_path), {'model.bakbone.arch': 's'})
+    with pytest.raises(SystemExit, match='no index'):
+        merge_cfg_options(Config.fromfile(cfg_path), {'train_dataloader.dataset.pipeline.99.type': 'X'})
+    cfg = Config.fromfile(cfg_path)  # existing keys, constructor arguments and Runner arguments are accepted
+    merge_cfg_options(cfg, {'optim_wrapper.optimizer.lr': 0.5, 'model.backbone.with_cp': True,
+                            'train_dataloader.dataset.pipeline.0.type': 'LoadImageFromFile', 'randomness': {}})
+    assert cfg.optim_wrapper.optimizer.lr == 0.5 and cfg.model.backbone.with_cp
+
+
+def test_bad_annotations_are_refused_naming_the_file(tmp_path):
+    import json
+    from mmengine.config import Config
+    from overlock_core.mm.data import check_datasets
+
+    def coco_cfg(ann):
+        return Config(dict(default_scope='mmdet', train_dataloader=dict(dataset=dict(
+            type='RepeatDataset', times=2, dataset=dict(type='CocoDataset', data_root=str(tmp_path),
+                                                        ann_file=ann, data_prefix=dict(img='img/'))))))
+    (tmp_path / 'img').mkdir()
+    (tmp_path / 'img' / 'a.jpg').write_bytes(b'x')
+    (tmp_path / 'empty.json').write_text('')
+    (tmp_path / 'broken.json').write_text('{"images": [')
+    (tmp_path / 'noimg.json').write_text(json.dumps({'images': [], 'annotations': []}))
+    (tmp_path / 'missing.json').write_text(json.dumps({'images': [{'id': 1, 'file_name': 'a.jpg'},
+                                                                  {'id': 2, 'file_name': 'gone.jpg'}]}))
+    (tmp_path / 'ok.json').write_text(json.dumps({'images': [{'id': 1, 'file_name': 'a.jpg'}]}))
+    for ann, msg in [('nope.json', 'nope.json not found'), ('empty.json', 'empty.json is empty'),
+                     ('broken.json', 'broken.json is not valid JSON'), ('noimg.json', 'lists no images'),
+                     ('missing.json', '1 of 2 images listed in .*missing.json are missing .*gone.jpg')]:
+        with pytest.raises(SystemExit, match=msg):
+            check_datasets(coco_cfg(ann))
+    check_datasets(coco_cfg('ok.json'))
+
+    seg = Config(dict(default_scope='mmseg', val_dataloader=dict(dataset=dict(
+        type='ADE20KDataset', data_root=str(tmp_path), data_prefix=dict(img_path='simg', seg_map_path='sann')))))
+    with pytest.raises(SystemExit, match='image folder .*simg not found'):
+        check_datasets(seg)
+    (tmp_path / 'simg').mkdir()
+    (tmp_path / 'sann').mkdir()
+    with pytest.raises(SystemExit, match='has no \\*.jpg images'):
+        check_datasets(seg)
+    (tmp_path / 'simg' / 'b.jpg').write_bytes(b'x')
+    with pytest.raises(SystemExit, match='1 of 1 images .* no label map .*b.jpg'):
+        check_datasets(seg)
+    (tmp_path / 'sann' / 'b.png').write_bytes(b'x')
+    check_datasets(seg)
+
+
+def test_training_skips_an_unreadable_image_with_a_counted_warning(tmp_path):
+    import cv2
+    import numpy as np
+    from mmengine.config import Config
+    from overlock_core.mm import data
+    cfg = Config(dict(train_dataloader=dict(dataset=dict(type='CocoDataset', pipeline=[
+        dict(type='LoadImageFromFile'), dict(type='LoadAnnotations')]))))
+    data.use_safe_image_loading(cfg)
+    assert cfg.train_dataloader.dataset.pipeline[0].type == 'SafeLoadImageFromFile'
+    from mmcv.transforms.builder import TRANSFORMS
+    load = TRANSFORMS.build(dict(type='SafeLoadImageFromFile'))
+    good, gray, bad = tmp_path / 'good.png', tmp_path / 'gray.png', tmp_path / 'bad.jpg'
+    cv2.imwrite(str(good), np.zeros((4, 5, 4), np.uint8))  # RGBA: converted to 3 channels
+    cv2.imwrite(str(gray), np.zeros((4, 5), np.uint8))  # grayscale: converted to 3 channels
+    bad.write_bytes(b'\xff\xd8\xff\xe0 truncated')
+    assert load(dict(img_path=str(good)))['img'].shape == (4, 5, 3)
+    assert load(dict(img_path=str(gray)))['img'].shape == (4, 5, 3)
+    before = data.SafeLoadImageFromFile.skipped
+    with pytest.warns(UserWarning, match='skipping unreadable image .*bad.jpg'):
+        assert load(dict(img_path=str(bad))) is None
+    assert data.SafeLoadImageFromFile.skipped == before + 1

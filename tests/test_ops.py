@@ -74,3 +74,69 @@ def test_blocks_trace_without_graph_breaks():
     x, ctx = torch.randn(1, 32, 9, 9), torch.randn(1, 12, 9, 9)
     assert dynamo.explain(DynamicConvBlock(32, 12, 7, 5, 2))(x, ctx, ctx).graph_break_count == 0
     assert dynamo.explain(RepConvBlock(16, 7))(torch.randn(1, 16, 9, 9)).graph_break_count == 0
+
+
+@pytest.mark.parametrize('path', ['dense', 'tiled'])
+def test_na2d_both_paths_match_reference(path):
+    """Small maps aggregate through one dense matrix, larger ones through banded tiles: both are exact."""
+    from overlock_core.ops.neighborhood import _na2d_av_dense, _NeighborhoodAV
+    op = _na2d_av_dense if path == 'dense' else _NeighborhoodAV.apply
+    attn = torch.randn(2, 49, 11, 9, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(2, 3, 11, 9, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(op(attn, value, 7), na2d_av_reference(attn, value, 7), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, v: op(a, v, 7), (attn, value))
+
+
+# (batch, channels, H, W, K, dilation, bias): every weight-gradient path of dw_conv2d (grouped conv on small maps,
+# FFT for large kernels on larger maps, PyTorch's on channels-last for small kernels) and both layouts
+DW_SHAPES = [(2, 3, 9, 11, 11, 1, True), (2, 4, 20, 40, 13, 1, False), (1, 3, 40, 33, 17, 1, True),
+             (2, 3, 40, 40, 3, 7, False), (2, 3, 12, 12, 13, 1, True), (2, 3, 30, 35, 9, 2, True),
+             (2, 5, 16, 16, 7, 1, True), (1, 2, 18, 21, 5, 1, False)]
+
+
+@pytest.mark.parametrize('b,c,h,w,k,d,bias', DW_SHAPES)
+def test_dw_conv2d_matches_conv2d(b, c, h, w, k, d, bias):
+    from overlock_core.ops import dw_conv2d
+    x = torch.randn(b, c, h, w, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c, 1, k, k, dtype=torch.float64, requires_grad=True)
+    bvec = torch.randn(c, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = (x, weight) + ((bvec,) if bias else ())
+    got = dw_conv2d(x, weight, bvec, d)
+    ref = torch.nn.functional.conv2d(x, weight, bvec, padding=d * (k - 1) // 2, dilation=d, groups=c)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+    g = torch.randn_like(ref)
+    for a, r in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)
+
+
+def test_dw_conv2d_gradcheck_fft_path():
+    from overlock_core.ops import dw_conv2d
+    x = torch.randn(1, 2, 17, 19, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 1, 11, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, wt: dw_conv2d(a, wt, None, 1), (x, weight))
+
+
+def test_dw_conv2d_bf16_autocast_keeps_weight_grad_dtype():
+    from overlock_core.ops import dw_conv2d
+    x = torch.randn(1, 4, 20, 20, requires_grad=True)
+    weight = torch.randn(4, 1, 13, 13, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = dw_conv2d(x, weight)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
+
+
+def test_grn_closed_form_backward():
+    """GRN's hand-written backward equals autograd through the composite, including a map that is all zero."""
+    from overlock_core.ops import grn
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        x[0, 1] = 0
+    gamma = torch.randn(1, 5, 1, 1, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(1, 5, 1, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(grn, (x, gamma, beta))
+    gx = torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True)
+    ref = torch.addcmul(beta, x, gamma * gx / (gx.mean(1, keepdim=True) + 1e-6) + 1)
+    torch.testing.assert_close(grn(x, gamma, beta), ref)
+    torch.testing.assert_close(grn(x.contiguous(memory_format=torch.channels_last), gamma, beta), ref)

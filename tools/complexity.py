@@ -34,15 +34,20 @@ from overlock_core.models.layers import DilatedReparamBlock, DynamicConvBlock, c
 PAPER = {'xt': (16, 2.6, 82.7), 't': (33, 5.5, 84.2), 's': (56, 9.7, 84.8), 'b': (95, 16.7, 85.1)}
 
 
-def _na2d_hooks(model: nn.Module, store: List[float]):
-    """Add the aggregation's MACs (FlopCounterMode cannot see inside the custom autograd op's loop)."""
+def _na2d_hooks(model: nn.Module, store: List[float], proj: List[float]):
+    """Add the aggregation's MACs (FlopCounterMode cannot see inside the custom autograd op's loop), and count the
+    kernel projection as the paper's model computes it: affinities q.k (49 per pixel and head), then a 1x1 conv
+    to k*k + K*K. Ours folds the conv into the key first (fewer MACs); the difference goes into ``proj``."""
     def hook(mod: DynamicConvBlock, args, out):
         if mod.mixer != 'contmix':
             return
         x = args[0]
         h, w = contmix_size(*x.shape[-2:], mod.kernel_size)  # small-map rule: computed at the resized size
-        half = mod.dim // 2
-        store.append(x.shape[0] * half * h * w * (mod.smk_size ** 2 + mod.kernel_size ** 2))
+        half, n, hw = mod.dim // 2, mod.num_centres, h * w
+        taps = mod.smk_size ** 2 + mod.kernel_size ** 2
+        store.append(x.shape[0] * half * hw * taps)
+        paper = half * n * hw + mod.num_heads * n * taps * hw
+        proj.append(x.shape[0] * (paper - (half * n * taps + taps * half * hw)))
     return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DynamicConvBlock)]
 
 
@@ -56,8 +61,8 @@ def _lk_hooks(model: nn.Module, store: List[float]):
 @torch.no_grad()
 def count_macs(model: nn.Module, inputs, forward=None) -> Tuple[float, float, float]:
     """(MACs counted by FlopCounterMode + aggregation, aggregation MACs, lk_origin MACs)."""
-    na2d, lk = [], []
-    handles = _na2d_hooks(model, na2d) + _lk_hooks(model, lk)
+    na2d, lk, proj = [], [], []
+    handles = _na2d_hooks(model, na2d, proj) + _lk_hooks(model, lk)
     # The operator's internal banded matmuls are an implementation detail: count its exact MACs (hooks above) and
     # skip its computation (values do not change any count).
     real_op, layers.na2d_av = layers.na2d_av, lambda attn, value, k: torch.zeros_like(value)
@@ -68,7 +73,7 @@ def count_macs(model: nn.Module, inputs, forward=None) -> Tuple[float, float, fl
         layers.na2d_av = real_op
         for h in handles:
             h.remove()
-    return counter.get_total_flops() / 2 + sum(na2d), sum(na2d), sum(lk)
+    return counter.get_total_flops() / 2 + sum(na2d) + sum(proj), sum(na2d), sum(lk)
 
 
 def n_params(model: nn.Module) -> int:

@@ -24,8 +24,9 @@ from mmengine.dist import is_main_process  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from overlock_core.mm.data import check_datasets  # noqa: E402
 from overlock_core.mm.runner_utils import shutdown_distributed  # noqa: E402
-from overlock_core.mm.runner_utils import (apply_data_root, import_task, prepare_work_dir,  # noqa: E402
+from overlock_core.mm.runner_utils import (import_task, merge_cfg_options, prepare_work_dir,  # noqa: E402
                                            setup_distributed_env, summarise_metrics, task_of,
                                            write_results_json)
 
@@ -70,10 +71,7 @@ def build_cfg(args) -> Config:
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
-        old_root = cfg.get('data_root')
-        cfg.merge_from_dict(args.cfg_options)
-        if 'data_root' in args.cfg_options:
-            apply_data_root(cfg, old_root, args.cfg_options['data_root'])
+        merge_cfg_options(cfg, args.cfg_options)
     task = task_of(cfg)
     import_task(cfg)
     prepare_work_dir(cfg, args.config, args.work_dir)
@@ -108,6 +106,7 @@ def build_cfg(args) -> Config:
 def main(argv=None):
     args = parse_args(argv)
     cfg = build_cfg(args)
+    check_datasets(cfg, ('test_dataloader',))  # bad annotations or missing files: a one-line error before any work
     task = task_of(cfg)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     if args.out is not None and task == 'det':

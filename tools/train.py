@@ -25,8 +25,9 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from overlock_core.mm.data import check_datasets, use_safe_image_loading  # noqa: E402
 from overlock_core.mm.runner_utils import shutdown_distributed  # noqa: E402
-from overlock_core.mm.runner_utils import (apply_data_root, import_task, prepare_work_dir,  # noqa: E402
+from overlock_core.mm.runner_utils import (import_task, merge_cfg_options, prepare_work_dir,  # noqa: E402
                                            setup_distributed_env, task_of)
 
 
@@ -56,12 +57,10 @@ def build_cfg(args) -> Config:
     cfg = Config.fromfile(args.config)  # imports custom_imports (overlock_core.mm, detection/segmentation)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
-        old_root = cfg.get('data_root')
-        cfg.merge_from_dict(args.cfg_options)
-        if 'data_root' in args.cfg_options:
-            apply_data_root(cfg, old_root, args.cfg_options['data_root'])
+        merge_cfg_options(cfg, args.cfg_options)
     task_of(cfg)
     import_task(cfg)
+    use_safe_image_loading(cfg)
     prepare_work_dir(cfg, args.config, args.work_dir)
 
     if args.amp:
@@ -100,6 +99,7 @@ def build_cfg(args) -> Config:
 def main(argv=None):
     args = parse_args(argv)
     cfg = build_cfg(args)
+    check_datasets(cfg, ('train_dataloader', 'val_dataloader'))  # bad annotations or missing files: a one-line error before any work
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()
     shutdown_distributed()

@@ -15,8 +15,8 @@ from typing import Any, Dict, Optional
 import torch
 from mmengine.config import Config
 
-__all__ = ['task_of', 'apply_data_root', 'prepare_work_dir', 'setup_distributed_env', 'import_task',
-           'summarise_metrics', 'write_results_json']
+__all__ = ['task_of', 'apply_data_root', 'merge_cfg_options', 'prepare_work_dir', 'setup_distributed_env',
+           'import_task', 'summarise_metrics', 'write_results_json']
 
 _TASKS = {'mmdet': 'det', 'mmseg': 'seg'}
 
@@ -63,6 +63,70 @@ def apply_data_root(cfg: Config, old_root: Optional[str], new_root: str) -> None
             if isinstance(ev, dict) and isinstance(ev.get('ann_file'), str) and old_root \
                     and ev['ann_file'].startswith(old_root):
                 ev['ann_file'] = osp.join(new_root, ev['ann_file'][len(old_root):].lstrip('/'))
+
+
+def _constructor(node: dict, scope: Optional[str]):
+    """The class a config dict's ``type`` names, looked up in the task's registries (None if not found)."""
+    import importlib
+    from mmengine.registry import Registry
+    kind = node.get('type')
+    if not isinstance(kind, str):
+        return kind if isinstance(kind, type) else None
+    try:
+        registries = vars(importlib.import_module(f'{scope}.registry')).values() if scope else []
+    except ImportError:  # pragma: no cover
+        registries = []
+    for reg in registries:
+        if isinstance(reg, Registry):
+            found = reg.get(kind)
+            if found is not None:
+                return found
+    return None
+
+
+def _accepts(node: dict, name: str, scope: Optional[str]) -> bool:
+    """Whether ``name`` may be added to a config dict: it must be an argument of the class the dict builds."""
+    import inspect
+    if 'type' not in node:
+        return False
+    cls = _constructor(node, scope)
+    if cls is None:
+        return True  # cannot tell; the constructor will check when it is built
+    params = inspect.signature(cls.__init__ if inspect.isclass(cls) else cls).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def merge_cfg_options(cfg: Config, options: Dict[str, Any]) -> None:
+    """Apply ``--cfg-options``, refusing a key the config does not have (a typo would otherwise be silently added
+    and ignored). New keys are allowed where they are constructor arguments: inside a dict with a ``type`` whose
+    class takes that argument, or top-level arguments of mmengine's Runner."""
+    import inspect
+    from mmengine.runner import Runner
+    runner_args = set(inspect.signature(Runner.__init__).parameters)
+    scope = cfg.get('default_scope')
+    for key in options:
+        node: Any = cfg._cfg_dict  # the ConfigDict behind the Config
+        parts = key.split('.')
+        for depth, part in enumerate(parts):
+            where = '.'.join(parts[:depth]) or 'the config'
+            if isinstance(node, (list, tuple)):
+                if not (part.isdigit() and int(part) < len(node)):
+                    raise SystemExit(f'--cfg-options {key}: {where} is a list of {len(node)}, no index {part!r}')
+                node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise SystemExit(f'--cfg-options {key}: {where} is a {type(node).__name__}, not a dict')
+            if part not in node:
+                allowed = part in runner_args if depth == 0 else _accepts(node, part, scope)
+                if not allowed:
+                    known = ', '.join(sorted(str(k) for k in node)[:12])
+                    raise SystemExit(f'--cfg-options {key}: unknown key {part!r} in {where} (has: {known})')
+                break  # a new argument: nothing below it to check
+            node = node[part]
+    old_root = cfg.get('data_root')
+    cfg.merge_from_dict(options)
+    if 'data_root' in options:
+        apply_data_root(cfg, old_root, options['data_root'])
 
 
 def prepare_work_dir(cfg: Config, config_path: str, work_dir: Optional[str]) -> None:

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 
-from ..ops import na2d_av, rpb_bias
+from ..ops import dw_conv2d, grn, na2d_av, rpb_bias
 
 # DilatedReparamBlock branches per large kernel: (kernel, dilation), from UniRepLKNet (spec B.3).
 DRB_BRANCHES: Dict[int, Tuple[Tuple[int, int], ...]] = {
@@ -27,11 +27,23 @@ def layer_norm(dim: int) -> nn.Module:
     return LayerNorm2d(dim, eps=1e-6)
 
 
-class ResDWConv(nn.Conv2d):
+class DWConv2d(nn.Conv2d):
+    """Depth-wise 'same' conv (a plain nn.Conv2d in the state_dict) that runs through ``dw_conv2d``, whose CPU
+    backward is many times faster than PyTorch's for the large kernels used here."""
+
+    def __init__(self, dim: int, kernel_size: int, dilation: int = 1, bias: bool = True):
+        super().__init__(dim, dim, kernel_size, padding=dilation * (kernel_size - 1) // 2, dilation=dilation,
+                         groups=dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dw_conv2d(x, self.weight, self.bias, self.dilation[0])
+
+
+class ResDWConv(DWConv2d):
     """x + DW3x3(x): a depth-wise conv with an identity shortcut (keeps the plain conv's parameter names)."""
 
     def __init__(self, dim: int, kernel_size: int = 3):
-        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=True)
+        super().__init__(dim, kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + super().forward(x)
@@ -59,10 +71,7 @@ class GRN(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, dim, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            gx = torch.linalg.vector_norm(x.float(), ord=2, dim=(2, 3), keepdim=True)
-            nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
-        return torch.addcmul(self.beta, x, self.gamma * nx.to(x.dtype) + 1).to(x.dtype)
+        return grn(x, self.gamma, self.beta)
 
 
 class SEModule(nn.Module):
@@ -104,13 +113,12 @@ class DilatedReparamBlock(nn.Module):
             raise ValueError(f'DilatedReparamBlock supports kernel sizes {sorted(DRB_BRANCHES)}, got {kernel_size}')
         self.kernel_size = kernel_size
         self.branches = DRB_BRANCHES[kernel_size]
-        self.lk_origin = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=deploy)
+        self.lk_origin = DWConv2d(dim, kernel_size, bias=deploy)
         self.deploy = deploy
         if not deploy:
             self.origin_bn = nn.BatchNorm2d(dim)
             for k, r in self.branches:
-                self.add_module(f'dil_conv_k{k}_{r}', nn.Conv2d(dim, dim, k, padding=(r * (k - 1) + 1) // 2,
-                                                                 dilation=r, groups=dim, bias=False))
+                self.add_module(f'dil_conv_k{k}_{r}', DWConv2d(dim, k, r, bias=False))
                 self.add_module(f'dil_bn_k{k}_{r}', nn.BatchNorm2d(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +138,7 @@ class DilatedReparamBlock(nn.Module):
             k_b, b_b = fuse_conv_bn(getattr(self, f'dil_conv_k{k}_{r}').weight, getattr(self, f'dil_bn_k{k}_{r}'))
             kernel = kernel + dilate_and_pad(k_b, r, self.kernel_size)
             bias = bias + b_b
-        conv = nn.Conv2d(kernel.shape[0], kernel.shape[0], self.kernel_size, padding=self.kernel_size // 2,
-                         groups=kernel.shape[0], bias=True).to(kernel)
+        conv = DWConv2d(kernel.shape[0], self.kernel_size).to(kernel)
         conv.weight.copy_(kernel)
         conv.bias.copy_(bias)
         self.lk_origin = conv
@@ -215,7 +222,7 @@ class DynamicConvBlock(nn.Module):
         self.dwconv1 = ResDWConv(out_dim)
         self.norm1 = layer_norm(out_dim)
         self.fusion = nn.Sequential(
-            nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim), nn.BatchNorm2d(out_dim), nn.GELU(),
+            DWConv2d(out_dim, 3), nn.BatchNorm2d(out_dim), nn.GELU(),
             nn.Conv2d(out_dim, dim, 1), GRN(dim))
         if mixer == 'contmix':
             self.rpb1 = nn.Parameter(torch.zeros(num_heads, 2 * smk_size - 1, 2 * smk_size - 1))
@@ -225,7 +232,7 @@ class DynamicConvBlock(nn.Module):
                                             nn.BatchNorm2d(dim // 2))
             self.weight_proj = nn.Conv2d(self.num_centres, smk_size ** 2 + kernel_size ** 2, 1)
         else:
-            self.static_conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+            self.static_conv = DWConv2d(dim, kernel_size)
         self.dyconv_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
         self.lepe = nn.Sequential(DilatedReparamBlock(dim, kernel_size, deploy), nn.BatchNorm2d(dim))
         self.se_layer = SEModule(dim)
@@ -252,18 +259,24 @@ class DynamicConvBlock(nn.Module):
             f = F.interpolate(f, size=size, mode='bilinear', align_corners=False)
             zn = F.interpolate(zn, size=size, mode='bilinear', align_corners=False)
         hh, ww = f.shape[-2:]
-        query = self.weight_query(zn[:, :self.dim]) * self.scale
-        key = self.weight_key(zn[:, self.dim:])
         head_dim = c // (2 * g)
-        affinity = torch.einsum('bgcn,bgcl->bgln', query.reshape(b, g, head_dim, hh * ww),
-                                key.reshape(b, g, head_dim, self.num_centres))
-        logits = self.weight_proj(affinity.reshape(b * g, self.num_centres, hh, ww)).reshape(b, g, -1, hh, ww)
-        with torch.autocast(f.device.type, enabled=False):  # softmax in fp32 (fp16 overflow otherwise)
-            small = (logits[:, :, :sk * sk].float() + rpb_bias(self.rpb1.float(), hh, ww)).softmax(dim=2)
-            large = (logits[:, :, sk * sk:].float() + rpb_bias(self.rpb2.float(), hh, ww)).softmax(dim=2)
+        query = (self.weight_query(zn[:, :self.dim]) * self.scale).reshape(b, g, head_dim, hh * ww)
+        key = self.weight_key(zn[:, self.dim:]).reshape(b, g, head_dim, self.num_centres)
+        # weight_proj (a 1x1 conv over the 49 pixel-to-centre affinities q.k) folded into the key: W(q.k) = (Wk).q,
+        # one matmul per kernel and no (B*G, 49, H, W) affinity map
+        proj_w = self.weight_proj.weight.reshape(-1, self.num_centres)
+        proj_b = self.weight_proj.bias.reshape(-1, 1)
+
+        def kernel(rows: slice, rpb: torch.Tensor) -> torch.Tensor:
+            logits = torch.matmul(torch.matmul(key, proj_w[rows].t()).mT, query) + proj_b[rows]  # (B, G, k*k, HW)
+            with torch.autocast(f.device.type, enabled=False):  # softmax in fp32 (fp16 overflow otherwise)
+                bias = rpb_bias(rpb.float(), hh, ww).reshape(g, -1, hh * ww)
+                return (logits.float() + bias).softmax(dim=2).reshape(b * g, -1, hh, ww)
+
+        small, large = kernel(slice(0, sk * sk), self.rpb1), kernel(slice(sk * sk, None), self.rpb2)
         value = f.reshape(b, 2, g * head_dim, hh, ww)
-        out_small = na2d_av(small.reshape(b * g, sk * sk, hh, ww), value[:, 0].reshape(b * g, head_dim, hh, ww), sk)
-        out_large = na2d_av(large.reshape(b * g, ks * ks, hh, ww), value[:, 1].reshape(b * g, head_dim, hh, ww), ks)
+        out_small = na2d_av(small, value[:, 0].reshape(b * g, head_dim, hh, ww), sk)
+        out_large = na2d_av(large, value[:, 1].reshape(b * g, head_dim, hh, ww), ks)
         out = torch.cat([out_small.reshape(b, c // 2, hh, ww), out_large.reshape(b, c // 2, hh, ww)], dim=1)
         if resized:
             out = F.adaptive_avg_pool2d(out, (h, w))

@@ -12,8 +12,10 @@ Layouts used throughout (so no permute/copy is needed around the op):
 ``na2d_av`` is its own autograd function: forward and backward loop over the K window rows, gather the rows the
 windows read once, and turn the column part of the windows into small banded tile matrices, so the work runs as
 batched matmuls and never holds a K*K-times copy of the values or of their gradient (transient memory
-O(N*H*W*(c + 16 + K)), against the N*H*W*c*K*K of the unfold formulation). ``na2d_av_unfold`` is the plain formulation (unfold the windows, replicate-pad the
-borders, weighted sum) kept for benchmarks, ``na2d_av_reference`` a direct loop over pixels kept for tests.
+O(N*H*W*(c + 16 + K)), against the N*H*W*c*K*K of the unfold formulation). Maps of at most 2 * (c + K*K) pixels
+(stages 3 and 4 at 224x224) take a dense path instead: the weights scattered into one (H*W x H*W) matrix and a
+single matmul. ``na2d_av_unfold`` is the plain formulation (unfold the windows, replicate-pad the borders,
+weighted sum) kept for benchmarks, ``na2d_av_reference`` a direct loop over pixels kept for tests.
 """
 from typing import Tuple
 
@@ -150,12 +152,26 @@ def _check(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
                          f'got {tuple(attn.shape)} and {tuple(value.shape)}')
 
 
+def _na2d_av_dense(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Small maps: scatter the window weights into one dense (H*W x H*W) matrix per image and head and aggregate
+    with a single matmul (its memory, N*(H*W)^2, is within the order of N*H*W*(c + K*K) by the caller's rule)."""
+    n, c, h, w = value.shape
+    ks = kernel_size
+    rows, cols = _window_indices(h, ks, value.device), _window_indices(w, ks, value.device)  # (K, H), (K, W)
+    src = (rows.t()[:, None, :, None] * w + cols.t()[None, :, None, :]).reshape(h * w, ks * ks)  # (HW, K*K)
+    dense = attn.new_zeros(n, h * w, h * w).scatter(2, src.expand(n, -1, -1), attn.reshape(n, ks * ks, h * w).mT)
+    return torch.matmul(value.reshape(n, c, h * w), dense.mT).reshape(n, c, h, w)
+
+
 def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Memory-lean neighbourhood aggregation (see module docstring for layouts)."""
     _check(attn, value, kernel_size)
     if kernel_size % 2 == 0:
         raise ValueError(f'na2d_av needs an odd kernel size, got {kernel_size}')
     attn = attn.to(value.dtype)
+    n, c, h, w = value.shape
+    if h * w <= 2 * (c + kernel_size * kernel_size):
+        return _na2d_av_dense(attn, value, kernel_size)
     return _NeighborhoodAV.apply(attn.contiguous(), value.contiguous(), kernel_size)
 
 

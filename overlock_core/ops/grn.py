@@ -1,0 +1,55 @@
+"""ConvNeXt-V2 global response norm as one autograd function.
+
+y = x * (gamma * nx + 1) + beta, nx = ||x||_hw / mean_c ||x||_hw. Autograd through the composite builds five
+full-size passes in the backward (norm, division, broadcasts); the closed form below needs two: one reduction
+sum_hw(g * x) and one fused ``g * A + x * B`` with per-(image, channel) A and B. Norms, means and the small
+per-channel algebra run in fp32 (in fp16 the sum of squares of a large map overflows).
+"""
+from typing import Tuple
+
+import torch
+
+__all__ = ['grn']
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    if x.is_contiguous():
+        gx = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), keepdim=True, dtype=_acc(x))
+    else:  # channels-last: the norm kernel reduces strided and is ~10x slower than a sum of squares
+        gx = x.square().sum((2, 3), keepdim=True, dtype=_acc(x)).sqrt()
+    return gx, gx.mean(dim=1, keepdim=True) + eps
+
+
+class _GRN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+        gx, mean = _stats(x, eps)
+        nx = gx / mean
+        ctx.save_for_backward(x, gamma, gx, mean)
+        return torch.addcmul(beta.to(x.dtype), x, (gamma.to(nx.dtype) * nx + 1).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, gamma, gx, mean = ctx.saved_tensors
+        nx = gx / mean
+        s = (g * x).sum((2, 3), keepdim=True, dtype=gx.dtype)  # dL/d(scale), (N, C, 1, 1)
+        grad_gamma = (s * nx).sum(0, keepdim=True).to(gamma.dtype)
+        grad_beta = g.sum((0, 2, 3), keepdim=True, dtype=gx.dtype).to(gamma.dtype)
+        dnx = s * gamma.to(gx.dtype)
+        # nx_c = gx_c / (mean_k gx_k + eps)  =>  dgx_c = dnx_c / m - sum_k(dnx_k gx_k) / (m^2 C)
+        dgx = dnx / mean - (dnx * gx).sum(1, keepdim=True) / (mean * mean * gx.shape[1])
+        coef = torch.where(gx > 0, dgx / gx.clamp_min(torch.finfo(gx.dtype).tiny), torch.zeros_like(gx))
+        grad_x = torch.addcmul(g * (gamma.to(gx.dtype) * nx + 1).to(g.dtype), x, coef.to(x.dtype))
+        return grad_x, grad_gamma, grad_beta, None
+
+
+def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Global response norm of x (N, C, H, W) with gamma, beta (1, C, 1, 1)."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return _GRN.apply(x, gamma, beta, eps)
+    return _GRN.apply(x, gamma, beta, eps)
