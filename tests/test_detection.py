@@ -178,3 +178,20 @@ def test_two_process_gloo_training(tmp_path):
     assert any('coco/bbox_mAP' in r for r in rows)
     # 8 images / (2 processes x 2 per GPU) = 2 iterations per epoch
     assert max(r.get('iter', 0) for r in rows if 'loss' in r) == 4
+
+
+def test_backbone_maps_are_nchw_so_mmcv_roialign_reads_them_right():
+    """The dense maps leave the backbone NCHW-contiguous: mmcv's RoIAlign indexes its input as NCHW, and on the
+    channels-last maps the LayerNorms produce it pooled wrong values (the Mask R-CNN demo then stayed near AP 0)."""
+    import torch
+    import torchvision
+    from mmcv.ops import RoIAlign
+    import overlock_core.mm  # noqa: F401
+    from mmengine.registry import MODELS
+    backbone = MODELS.build(dict(type='OverLoCKBackbone', arch='test', dense='det', drop_path_rate=0.)).eval()
+    with torch.no_grad():
+        maps = backbone(torch.randn(1, 3, 64, 96))
+    assert all(m.is_contiguous() for m in maps)
+    rois = torch.tensor([[0, 2., 3., 40., 30.]])
+    ours = RoIAlign((7, 7), 0.25, 2)(maps[0], rois)
+    torch.testing.assert_close(ours, torchvision.ops.roi_align(maps[0], rois, (7, 7), 0.25, 2, aligned=True))

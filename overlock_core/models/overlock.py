@@ -293,8 +293,12 @@ class OverLoCK(nn.Module):
         return take
 
     def forward_dense(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """The detection/segmentation pyramid: normalised maps at ``out_indices``."""
-        return tuple(self.forward_intermediates(x, self.out_indices, norm=True, intermediates_only=True))
+        """The detection/segmentation pyramid: normalised maps at ``out_indices``, in standard (NCHW-contiguous)
+        layout. The LayerNorms return channels-last strides, which the convs of a neck keep, and mmcv's RoIAlign
+        indexes its input as NCHW without checking: on channels-last maps it pools the wrong values (this is what
+        kept the Mask R-CNN demo near AP 0)."""
+        maps = self.forward_intermediates(x, self.out_indices, norm=True, intermediates_only=True)
+        return tuple(m.contiguous() for m in maps)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward_all(x)[0][-1]
