@@ -12,6 +12,7 @@ input were built; CUDA peak memory is torch.cuda.max_memory_allocated above the 
   python tools/benchmark.py --device cuda --dtype bf16 --channels-last --json bench.json
 """
 import argparse
+import statistics
 import json
 import os
 import subprocess
@@ -59,14 +60,17 @@ def _sync(device: str):
 
 
 def _time(fn, device: str, warmup: int, iters: int) -> float:
+    """Median seconds per call: robust to the odd slow step of a shared machine."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(iters):
+        t0 = time.perf_counter()
         fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / iters
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def run_model(a: Dict) -> Dict:
