@@ -279,10 +279,14 @@ class DynamicConvBlock(nn.Module):
         proj_b = self.weight_proj.bias.reshape(-1, 1)
 
         def kernel(rows: slice, rpb: torch.Tensor) -> torch.Tensor:
-            logits = torch.matmul(torch.matmul(key, proj_w[rows].t()).mT, query) + proj_b[rows]  # (B, G, k*k, HW)
-            with torch.autocast(f.device.type, enabled=False):  # softmax in fp32 (fp16 overflow otherwise)
-                bias = rpb_bias(rpb.float(), hh, ww).reshape(g, -1, hh * ww)
-                return (logits.float() + bias).softmax(dim=2).reshape(b * g, -1, hh, ww)
+            # logits laid out (B, G, HW, k*k): the softmax runs over the contiguous last dim, and the (N, k*k, H, W)
+            # view handed to na2d_av is exactly the layout its dense path multiplies with (no copy)
+            logits = torch.matmul(query.mT, torch.matmul(key, proj_w[rows].t())) + proj_b[rows].t()
+            acc = torch.promote_types(logits.dtype, torch.float32)
+            with torch.autocast(f.device.type, enabled=False):  # softmax in >= fp32 (fp16 overflow otherwise)
+                bias = rpb_bias(rpb.to(acc), hh, ww).reshape(g, -1, hh * ww).mT
+                attn = (logits.to(acc) + bias).softmax(dim=-1)  # (B, G, HW, k*k)
+            return attn.reshape(b * g, hh, ww, -1).permute(0, 3, 1, 2)
 
         small, large = kernel(slice(0, sk * sk), self.rpb1), kernel(slice(sk * sk, None), self.rpb2)
         value = f.reshape(b, 2, g * head_dim, hh, ww)
