@@ -140,3 +140,18 @@ def test_grn_closed_form_backward():
     ref = torch.addcmul(beta, x, gamma * gx / (gx.mean(1, keepdim=True) + 1e-6) + 1)
     torch.testing.assert_close(grn(x, gamma, beta), ref)
     torch.testing.assert_close(grn(x.contiguous(memory_format=torch.channels_last), gamma, beta), ref)
+
+
+def test_residual_stream_keeps_fp32_under_bf16_autocast():
+    """The in-place residual adds never narrow the stream: a bf16 branch added to an fp32 shortcut stays fp32."""
+    from overlock_core.models.layers import RepConvBlock
+    blk = RepConvBlock(16, 7, ls_init_value=1.0).train()
+    x = torch.randn(2, 16, 20, 20, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = blk(x)
+    assert y.dtype == torch.float32
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    y32 = blk(x)  # and in fp32 the in-place adds give the plain sum
+    ref = blk.ls(blk.dwconv(x)) + blk.proj(blk.dwconv(x))
+    torch.testing.assert_close(y32, ref)

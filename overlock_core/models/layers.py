@@ -23,6 +23,14 @@ DRB_BRANCHES: Dict[int, Tuple[Tuple[int, int], ...]] = {
 }
 
 
+def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """fresh + other, in place when that keeps the result's dtype (``fresh`` must be a new tensor no autograd node
+    saved): one full-size allocation less per residual; under autocast a bf16 branch plus an fp32 stream stays fp32."""
+    if torch.promote_types(fresh.dtype, other.dtype) == fresh.dtype:
+        return fresh.add_(other)
+    return fresh + other
+
+
 class NCHWLayerNorm2d(LayerNorm2d):
     """timm's LayerNorm2d (normalises over channels through a permute), returning NCHW-contiguous output when no
     gradient is recorded. timm's output has channels-last strides; mixed with the NCHW maps elsewhere in the blocks,
@@ -57,7 +65,7 @@ class ResDWConv(DWConv2d):
         super().__init__(dim, kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x).add_(x)  # in place: the conv output is fresh (one allocation less)
+        return add_into(super().forward(x), x)
 
 
 class LayerScale(nn.Module):
@@ -176,7 +184,7 @@ class RepConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
-        return self.proj(x).add_(self.ls(x))
+        return add_into(self.proj(x), self.ls(x))
 
 
 class ContextDownsample(nn.Module):
@@ -306,11 +314,11 @@ class DynamicConvBlock(nn.Module):
         f = self.fusion(zn)
         gate = self.gate(f)
         lepe = self.lepe(f)
-        y = self.dyconv_proj(self.contmix(f, zn)).add_(lepe)  # in-place adds into fresh outputs throughout
+        y = add_into(self.dyconv_proj(self.contmix(f, zn)), lepe)
         y = self.proj(gate * self.se_layer(y))
-        z = self.ls1(identity).add_(self.drop_path(y))
+        z = add_into(self.ls1(identity), self.drop_path(y))
         z = self.dwconv2(z)
-        z = self.ls2(z).add_(self.drop_path(self.mlp(self.norm2(z))))
+        z = add_into(self.ls2(z), self.drop_path(self.mlp(self.norm2(z))))
         if self.is_last:
             return z
         return z[:, :self.dim], z[:, self.dim:]
