@@ -12,9 +12,9 @@ input were built; CUDA peak memory is torch.cuda.max_memory_allocated above the 
   python tools/benchmark.py --device cuda --dtype bf16 --channels-last --json bench.json
 """
 import argparse
-import statistics
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time

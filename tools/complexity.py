@@ -139,7 +139,8 @@ def main(argv=None):
     torch.set_grad_enabled(False)
     out: Dict[str, list] = dict(variants=[], dense=[], models=[])
     if args.variants:
-        print('OverLoCK at %dx%d  (MACs; FlopCounterMode convs/matmuls + exact ContMix aggregation)' % ((args.size[0],) * 2))
+        print('OverLoCK at %dx%d  (MACs; FlopCounterMode convs/matmuls + exact ContMix aggregation)'
+              % ((args.size[0],) * 2))
         print(f"{'variant':8}{'params train':>14}{'params deploy':>15}{'paper':>7}{'G deploy':>10}{'G train':>9}"
               f"{'G paper-conv.':>15}{'paper G':>9}{'na2d G':>8}")
     for arch in args.variants:

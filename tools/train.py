@@ -99,7 +99,7 @@ def build_cfg(args) -> Config:
 def main(argv=None):
     args = parse_args(argv)
     cfg = build_cfg(args)
-    check_datasets(cfg, ('train_dataloader', 'val_dataloader'))  # bad annotations or missing files: a one-line error before any work
+    check_datasets(cfg, ('train_dataloader', 'val_dataloader'))  # bad annotations/files: one line, before any work
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()
     shutdown_distributed()

@@ -21,22 +21,25 @@ import os.path as osp
 import warnings
 from typing import Any, Iterator, List
 
+from mmcv.transforms import LoadImageFromFile
+from mmcv.transforms.builder import TRANSFORMS
+
 __all__ = ['check_datasets', 'use_safe_image_loading', 'SafeLoadImageFromFile']
 
-_IMG_EXT = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
-
-def _leaf_datasets(ds: Any) -> Iterator[dict]:
-    """The datasets that read files, below wrappers (RepeatDataset, ConcatDataset, ClassBalancedDataset)."""
+def _datasets(ds: Any) -> Iterator[dict]:
+    """Every dataset dict of a loader: wrappers (RepeatDataset, ConcatDataset, ...) and the datasets below them."""
     if not isinstance(ds, dict):
         return
-    if isinstance(ds.get('dataset'), dict):
-        yield from _leaf_datasets(ds['dataset'])
-    elif isinstance(ds.get('datasets'), (list, tuple)):
-        for d in ds['datasets']:
-            yield from _leaf_datasets(d)
-    else:
-        yield ds
+    yield ds
+    yield from _datasets(ds.get('dataset'))
+    for d in ds.get('datasets') or []:
+        yield from _datasets(d)
+
+
+def _is_leaf(ds: dict) -> bool:
+    """A dataset that reads files itself (not a wrapper)."""
+    return not isinstance(ds.get('dataset'), dict) and not isinstance(ds.get('datasets'), (list, tuple))
 
 
 def _join(root: str, path: str) -> str:
@@ -45,6 +48,10 @@ def _join(root: str, path: str) -> str:
 
 def _refuse(msg: str) -> None:
     raise SystemExit(f'dataset error: {msg}')
+
+
+def _first(names: List[str]) -> str:
+    return ', '.join(names[:3]) + (' ...' if len(names) > 3 else '')
 
 
 def _check_coco(ann: str, img_dir: str) -> None:
@@ -64,7 +71,7 @@ def _check_coco(ann: str, img_dir: str) -> None:
                if not osp.isfile(osp.join(img_dir, str(im.get('file_name', ''))))]
     if missing:
         _refuse(f'{len(missing)} of {len(images)} images listed in {ann} are missing under {img_dir}: '
-                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+                f'{_first(missing)}')
 
 
 def _check_folders(img_dir: str, seg_dir: str, img_suffix: str, seg_suffix: str) -> None:
@@ -80,14 +87,14 @@ def _check_folders(img_dir: str, seg_dir: str, img_suffix: str, seg_suffix: str)
                if not osp.isfile(osp.join(seg_dir, im[:-len(img_suffix)] + seg_suffix))]
     if missing:
         _refuse(f'{len(missing)} of {len(images)} images in {img_dir} have no label map in {seg_dir}: '
-                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+                f'{_first(missing)}')
 
 
 def _defaults(ds: dict, scope) -> dict:
     """Constructor defaults of the dataset class (file suffixes differ between mmseg datasets)."""
     import inspect
-    from .runner_utils import _constructor
-    cls = _constructor(ds, scope)
+    from .runner_utils import config_class
+    cls = config_class(ds, scope)
     if cls is None:
         return {}
     return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
@@ -99,7 +106,7 @@ def check_datasets(cfg, loaders=('train_dataloader', 'val_dataloader', 'test_dat
     for loader in loaders:
         if not cfg.get(loader):
             continue
-        for ds in _leaf_datasets(cfg[loader].get('dataset')):
+        for ds in filter(_is_leaf, _datasets(cfg[loader].get('dataset'))):
             root = ds.get('data_root') or ''
             prefix = ds.get('data_prefix') or {}
             if ds.get('ann_file'):
@@ -112,44 +119,27 @@ def check_datasets(cfg, loaders=('train_dataloader', 'val_dataloader', 'test_dat
                                suffix['img_suffix'] or '.jpg', suffix['seg_map_suffix'] or '.png')
 
 
-def _register():
-    from mmcv.transforms import LoadImageFromFile
-    from mmcv.transforms.builder import TRANSFORMS
+@TRANSFORMS.register_module(force=True)
+class SafeLoadImageFromFile(LoadImageFromFile):
+    """``LoadImageFromFile`` that turns an unreadable image into a skipped sample (returns None, so the training
+    dataset draws another) and a warning that names the file and counts the skips so far."""
+    skipped = 0
 
-    @TRANSFORMS.register_module(force=True)
-    class SafeLoadImageFromFile(LoadImageFromFile):
-        """``LoadImageFromFile`` that turns an unreadable image into a skipped sample (returns None, so the
-        training dataset draws another) and a warning that names the file and counts the skips so far."""
-        skipped = 0
-
-        def transform(self, results: dict):
-            try:
-                return super().transform(results)
-            except Exception as e:  # missing, truncated or undecodable file
-                SafeLoadImageFromFile.skipped += 1
-                warnings.warn(f"skipping unreadable image {results.get('img_path')} ({type(e).__name__}: {e}); "
-                              f'{SafeLoadImageFromFile.skipped} skipped so far')
-                return None
-
-    return SafeLoadImageFromFile
-
-
-SafeLoadImageFromFile = None
+    def transform(self, results: dict):
+        try:
+            return super().transform(results)
+        except Exception as e:  # missing, truncated or undecodable file
+            SafeLoadImageFromFile.skipped += 1
+            warnings.warn(f"skipping unreadable image {results.get('img_path')} ({type(e).__name__}: {e}); "
+                          f'{SafeLoadImageFromFile.skipped} skipped so far')
+            return None
 
 
 def use_safe_image_loading(cfg) -> None:
     """Swap ``LoadImageFromFile`` for ``SafeLoadImageFromFile`` in the training pipeline(s)."""
-    global SafeLoadImageFromFile
-    if SafeLoadImageFromFile is None:
-        SafeLoadImageFromFile = _register()
     if not cfg.get('train_dataloader'):
         return
-    stack = [cfg.train_dataloader.get('dataset')]
-    while stack:
-        ds = stack.pop()
-        if not isinstance(ds, dict):
-            continue
-        stack += [ds.get('dataset')] + list(ds.get('datasets') or [])
+    for ds in _datasets(cfg.train_dataloader.get('dataset')):
         for step in ds.get('pipeline') or []:
             if isinstance(step, dict) and step.get('type') in ('LoadImageFromFile', 'mmcv.LoadImageFromFile'):
                 step['type'] = 'SafeLoadImageFromFile'

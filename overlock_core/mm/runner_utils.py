@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 import torch
 from mmengine.config import Config
 
-__all__ = ['task_of', 'apply_data_root', 'merge_cfg_options', 'prepare_work_dir', 'setup_distributed_env',
+__all__ = ['task_of', 'apply_data_root', 'config_class', 'merge_cfg_options', 'prepare_work_dir', 'setup_distributed_env',
            'import_task', 'summarise_metrics', 'write_results_json']
 
 _TASKS = {'mmdet': 'det', 'mmseg': 'seg'}
@@ -65,7 +65,7 @@ def apply_data_root(cfg: Config, old_root: Optional[str], new_root: str) -> None
                 ev['ann_file'] = osp.join(new_root, ev['ann_file'][len(old_root):].lstrip('/'))
 
 
-def _constructor(node: dict, scope: Optional[str]):
+def config_class(node: dict, scope: Optional[str]):
     """The class a config dict's ``type`` names, looked up in the task's registries (None if not found)."""
     import importlib
     from mmengine.registry import Registry
@@ -89,7 +89,7 @@ def _accepts(node: dict, name: str, scope: Optional[str]) -> bool:
     import inspect
     if 'type' not in node:
         return False
-    cls = _constructor(node, scope)
+    cls = config_class(node, scope)
     if cls is None:
         return True  # cannot tell; the constructor will check when it is built
     params = inspect.signature(cls.__init__ if inspect.isclass(cls) else cls).parameters

@@ -284,12 +284,12 @@ class DynamicConvBlock(nn.Module):
         # weight_proj (a 1x1 conv over the 49 pixel-to-centre affinities q.k) folded into the key: W(q.k) = (Wk).q,
         # one matmul per kernel and no (B*G, 49, H, W) affinity map
         proj_w = self.weight_proj.weight.reshape(-1, self.num_centres)
-        proj_b = self.weight_proj.bias.reshape(-1, 1)
+        proj_b = self.weight_proj.bias
 
         def kernel(rows: slice, rpb: torch.Tensor) -> torch.Tensor:
             # logits laid out (B, G, HW, k*k): the softmax runs over the contiguous last dim, and the (N, k*k, H, W)
             # view handed to na2d_av is exactly the layout its dense path multiplies with (no copy)
-            logits = torch.matmul(query.mT, torch.matmul(key, proj_w[rows].t())) + proj_b[rows].t()
+            logits = torch.matmul(query.mT, torch.matmul(key, proj_w[rows].t())) + proj_b[rows]
             acc = torch.promote_types(logits.dtype, torch.float32)
             with torch.autocast(f.device.type, enabled=False):  # softmax in >= fp32 (fp16 overflow otherwise)
                 bias = rpb_bias(rpb.to(acc), hh, ww).reshape(g, -1, hh * ww).mT

@@ -7,7 +7,8 @@ result and computes both gradients with forward-style operations:
 
 * forward and input gradient (a depth-wise convolution of the output gradient with the flipped kernel) in
   channels-last layout for kernels spanning 14 pixels or more (oneDNN's fast path), in the given layout otherwise;
-* dilated kernels of 9 taps or more run as the dense kernel with zeros between the taps;
+* when gradients are recorded, dilated kernels of 9 taps or more run as the dense kernel with zeros between the
+  taps (without gradients the plain dilated conv runs, so FLOP counters see the model's own conv);
 * weight gradient: on maps up to 16x16 (kernels of 5 to 13), a grouped convolution that uses the output gradient as
   the kernel; for kernels of 9 taps or more on larger maps, a cross-correlation through ``torch.fft`` (cost
   independent of K, summed over the batch in frequency space, in at least fp32); otherwise PyTorch's weight
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 __all__ = ['dw_conv2d', 'dw_weight_grad']
 
 LARGE_KERNEL = 9  # from this many taps on the weight gradient is computed by us
-SMALL_MAP = 16 * 16  # at most this many pixels (and K <= 13): grouped-conv weight gradient
+SMALL_MAP = 16 * 16  # at most this many pixels and ...
+SMALL_MAP_MAX_K = 13  # ... at most this many taps: grouped-conv weight gradient (wider kernels hit a slow path)
 NHWC_SPAN = 14  # kernels spanning this many pixels or more run channels-last
 
 
@@ -44,7 +46,7 @@ def dw_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilati
     grad[n, c, i, j] * x[n, c, i + (a - K//2) * d, j + (b - K//2) * d], zero outside the map."""
     b, c, h, w = x.shape
     pad = dilation * (kernel_size - 1) // 2
-    if h * w <= SMALL_MAP and kernel_size <= 13:  # the output gradient as a (B*C)-group kernel, the K x K taps as the output
+    if h * w <= SMALL_MAP and kernel_size <= SMALL_MAP_MAX_K:  # grad as a (B*C)-group kernel, the K x K taps as output
         out = F.conv2d(x.reshape(1, b * c, h, w), grad.reshape(b * c, 1, h, w), padding=pad, stride=dilation,
                        groups=b * c)
         return out.reshape(b, c, kernel_size, kernel_size).sum(0).unsqueeze(1)
@@ -70,7 +72,7 @@ class _DepthwiseConv(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _conv(_layout(grad, k, d), weight.flip(2, 3), None, d)
-        ours = k >= LARGE_KERNEL or (x.shape[-2] * x.shape[-1] <= SMALL_MAP and 5 <= k <= 13)
+        ours = k >= LARGE_KERNEL or (x.shape[-2] * x.shape[-1] <= SMALL_MAP and 5 <= k <= SMALL_MAP_MAX_K)
         if ctx.needs_input_grad[1] and ours:
             grad_w = dw_weight_grad(x.contiguous(), grad.contiguous(), k, d).to(weight.dtype)
         elif ctx.needs_input_grad[1]:
