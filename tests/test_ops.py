@@ -52,7 +52,7 @@ def test_rpb_gather_uses_true_displacement(h, w, k):
             for a in range(k):
                 for b in range(k):
                     want = table[:, sh[i] + a - i + k - 1, sw[j] + b - j + k - 1]
-                    assert torch.equal(bias[:, a * k + b, i, j], want)
+                    assert torch.equal(bias[:, i * w + j, a * k + b], want)
 
 
 def test_contmix_half_precision_stays_finite():
@@ -76,11 +76,11 @@ def test_blocks_trace_without_graph_breaks():
     assert dynamo.explain(RepConvBlock(16, 7))(torch.randn(1, 16, 9, 9)).graph_break_count == 0
 
 
-@pytest.mark.parametrize('path', ['dense', 'tiled'])
+@pytest.mark.parametrize('path', ['grouped', 'tiled'])
 def test_na2d_both_paths_match_reference(path):
-    """Small maps aggregate through one dense matrix, larger ones through banded tiles: both are exact."""
-    from overlock_core.ops.neighborhood import _na2d_av_dense, _NeighborhoodAV
-    op = _na2d_av_dense if path == 'dense' else _NeighborhoodAV.apply
+    """Maps with few distinct windows aggregate per window, larger ones through banded tiles: both are exact."""
+    from overlock_core.ops.neighborhood import _na2d_av_grouped, _NeighborhoodAV
+    op = _na2d_av_grouped if path == 'grouped' else _NeighborhoodAV.apply
     attn = torch.randn(2, 49, 11, 9, dtype=torch.float64, requires_grad=True)
     value = torch.randn(2, 3, 11, 9, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(op(attn, value, 7), na2d_av_reference(attn, value, 7), rtol=0, atol=1e-12)
@@ -155,3 +155,16 @@ def test_residual_stream_keeps_fp32_under_bf16_autocast():
     y32 = blk(x)  # and in fp32 the in-place adds give the plain sum
     ref = blk.ls(blk.dwconv(x)) + blk.proj(blk.dwconv(x))
     torch.testing.assert_close(y32, ref)
+
+
+@pytest.mark.parametrize('all_rows', [True, False])
+def test_tiled_path_all_rows_and_row_loop_agree(all_rows, monkeypatch):
+    """The tiled operator aggregates all window rows in one matmul on small maps and loops over them on larger ones
+    (several tiles per row here): both are exact, forward and backward."""
+    import overlock_core.ops.neighborhood as nb
+    monkeypatch.setattr(nb, 'ALL_ROWS_PIXELS', 10 ** 6 if all_rows else 0)
+    attn = torch.randn(2, 25, 6, 37, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(2, 3, 6, 37, dtype=torch.float64, requires_grad=True)
+    op = nb._NeighborhoodAV.apply
+    torch.testing.assert_close(op(attn, value, 5), na2d_av_reference(attn, value, 5), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, v: op(a, v, 5), (attn, value))

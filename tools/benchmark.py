@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Speed and memory of OverLoCK against timm peers, in one run, plus the ContMix aggregation operator alone.
 
-Every measurement runs in a fresh worker process (so peak memory is that measurement's alone): CPU peak memory is
-the rise of the resident set (VmHWM, reset through /proc/self/clear_refs) above the state after the model and
-input were built; CUDA peak memory is torch.cuda.max_memory_allocated above the same point.
+Every measurement runs in a fresh worker process (so peak memory is that measurement's alone), ``--repeats`` times
+with the models alternating; each figure is the median over those processes of each process's median step time
+(the spread column is (max - min) / median over the processes). CPU peak memory is
+the rise of the resident set (VmHWM, reset through /proc/self/clear_refs) over all steps above the state after the
+model and input were built (measured before the first step: glibc keeps much of a step's memory afterwards, and a
+baseline taken then hides a varying part of the peak); CUDA peak memory is torch.cuda.max_memory_allocated above the same point.
   infer: eval, no grad, deploy (re-parameterised) form for OverLoCK;  train: forward + backward, training form.
 
   python tools/benchmark.py                                   # 224x224, batch 8, CPU, 2 threads
@@ -81,6 +84,8 @@ def run_model(a: Dict) -> Dict:
     if a['backbone']:
         kw = dict(features_only=True, out_indices=(0, 1, 2, 3))
     model = timm.create_model(a['model'], **kw).to(dev)
+    if a.get('grad_checkpointing'):
+        model.set_grad_checkpointing(True)
     if a['mode'] == 'infer':
         model.eval()
         if hasattr(model, 'reparameterize') or any(hasattr(m, 'reparameterize') for m in model.modules()):
@@ -108,8 +113,8 @@ def run_model(a: Dict) -> Dict:
             loss.backward()
             for p in model.parameters():
                 p.grad = None
-    step()  # first call: allocator and kernels warmed before the baseline
-    base = _reset_peak(dev)
+    base = _reset_peak(dev)  # before the first step: what glibc keeps after it would hide part of the peak
+    step()
     sec = _time(step, dev, a['warmup'], a['iters'])
     return dict(seconds=sec, images_per_s=a['batch'] / sec, peak_mib=_peak(dev) - base,
                 params_m=sum(p.numel() for p in model.parameters()) / 1e6)
@@ -136,8 +141,8 @@ def run_op(a: Dict) -> Dict:
         out = fn(attn, value, k)
         torch.autograd.backward(out, grad)
         attn.grad = value.grad = None
-    step()
     base = _reset_peak(dev)
+    step()
     sec = _time(step, dev, a['warmup'], a['iters'])
     return dict(seconds=sec, peak_mib=_peak(dev) - base)
 
@@ -163,8 +168,13 @@ def main(argv=None):
     ap.add_argument('--dtype', default='fp32', choices=list(DTYPES))
     ap.add_argument('--channels-last', action='store_true')
     ap.add_argument('--backbone', action='store_true', help='features only (no classifier), as in det/seg')
-    ap.add_argument('--warmup', type=int, default=1)
+    ap.add_argument('--grad-checkpointing', action='store_true',
+                    help='recompute each block in the backward (timm set_grad_checkpointing): memory for time')
+    ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--iters', type=int, default=3)
+    ap.add_argument('--repeats', type=int, default=3,
+                    help='fresh processes per model and mode, alternating between models; the median is reported '
+                         '(step times of one process on a shared CPU drift by 10-20%%)')
     ap.add_argument('--ops', action='store_true', help='benchmark the aggregation operator instead of models')
     ap.add_argument('--op-shapes', nargs='+', default=list(OP_SHAPES))
     ap.add_argument('--json', help='write all rows to this file')
@@ -195,19 +205,33 @@ def main(argv=None):
     else:
         h, w = args.size
         print(f"{h}x{w}, batch {args.batch}, {args.device}, {args.threads} threads, {args.dtype}"
-              f"{', channels_last' if args.channels_last else ''}{', backbone only' if args.backbone else ''}")
-        print(f"{'model':18}{'mode':7}{'ms/step':>10}{'img/s':>9}{'peak MiB':>10}{'params M':>10}")
-        for model in args.models:
-            for mode in args.modes:
-                r = _worker(dict(common, kind='model', model=model, mode=mode, size=[h, w], dtype=args.dtype,
-                                 channels_last=args.channels_last, backbone=args.backbone))
-                rows.append(dict(model=model, mode=mode, size=[h, w], **r))
-                if 'error' in r:
-                    print(f'{model:18}{mode:7} error: {r["error"]}')
-                else:
-                    print(f"{model:18}{mode:7}{r['seconds'] * 1e3:10.1f}{r['images_per_s']:9.2f}"
-                          f"{r['peak_mib']:10.0f}{r['params_m']:10.2f}")
-                sys.stdout.flush()
+              f"{', channels_last' if args.channels_last else ''}{', backbone only' if args.backbone else ''}"
+              f"{', gradient checkpointing' if args.grad_checkpointing else ''}")
+        print(f"{'model':18}{'mode':7}{'ms/step':>10}{'img/s':>9}{'peak MiB':>10}{'params M':>10}{'spread':>10}")
+        results: Dict = {}
+        for _ in range(args.repeats):  # models alternate, so a slow spell of the machine hits each of them
+            for model in args.models:
+                for mode in args.modes:
+                    r = _worker(dict(common, kind='model', model=model, mode=mode, size=[h, w], dtype=args.dtype,
+                                     channels_last=args.channels_last, backbone=args.backbone,
+                                     grad_checkpointing=args.grad_checkpointing))
+                    results.setdefault((model, mode), []).append(r)
+        for (model, mode), runs in results.items():
+            ok = [r for r in runs if 'error' not in r]
+            if not ok:
+                print(f'{model:18}{mode:7} error: {runs[0]["error"]}')
+                rows.append(dict(model=model, mode=mode, size=[h, w], **runs[0]))
+                continue
+            times = [r['seconds'] for r in ok]
+            r = dict(model=model, mode=mode, size=[h, w], seconds=statistics.median(times),
+                     peak_mib=statistics.median(r['peak_mib'] for r in ok), params_m=ok[0]['params_m'],
+                     runs=[r['seconds'] for r in ok])
+            r['images_per_s'] = args.batch / r['seconds']
+            rows.append(r)
+            spread = (max(times) - min(times)) / r['seconds'] * 100
+            print(f"{model:18}{mode:7}{r['seconds'] * 1e3:10.1f}{r['images_per_s']:9.2f}"
+                  f"{r['peak_mib']:10.0f}{r['params_m']:10.2f}{spread:9.0f}%")
+        sys.stdout.flush()
         by = {(r['model'], r['mode']): r for r in rows if 'error' not in r}
         for ours, peer in (('overlock_t', 'convnext_tiny'), ('overlock_s', 'convnext_small')):
             for mode in args.modes:

@@ -31,19 +31,8 @@ def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return fresh + other
 
 
-class NCHWLayerNorm2d(LayerNorm2d):
-    """timm's LayerNorm2d (normalises over channels through a permute), returning NCHW-contiguous output when no
-    gradient is recorded. timm's output has channels-last strides; mixed with the NCHW maps elsewhere in the blocks,
-    convs convert layouts back and forth (about 10% of a CPU inference step). In training the copy would be kept
-    for the backward (about 20% more activation memory at 800x1280), so the output is left as timm returns it."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        return out if torch.is_grad_enabled() else out.contiguous()
-
-
 def layer_norm(dim: int) -> nn.Module:
-    return NCHWLayerNorm2d(dim, eps=1e-6)
+    return LayerNorm2d(dim, eps=1e-6)
 
 
 class DWConv2d(nn.Conv2d):
@@ -59,13 +48,22 @@ class DWConv2d(nn.Conv2d):
 
 
 class ResDWConv(DWConv2d):
-    """x + DW3x3(x): a depth-wise conv with an identity shortcut (keeps the plain conv's parameter names)."""
+    """x + DW3x3(x): a depth-wise conv with an identity shortcut (keeps the plain conv's parameter names).
+
+    In full precision the shortcut is folded into the kernel's centre tap (one conv, no full-size add; gradients
+    are unchanged). Under autocast the kernel would be rounded to 16 bits after the fold, losing most of its
+    precision next to the 1, so the shortcut is added separately there."""
 
     def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__(dim, kernel_size)
+        centre = torch.zeros(1, 1, kernel_size, kernel_size)
+        centre[..., kernel_size // 2, kernel_size // 2] = 1
+        self.register_buffer('centre', centre, persistent=False)  # the identity as a kernel (not in the state_dict)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return add_into(super().forward(x), x)
+        if torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64):
+            return add_into(super().forward(x), x)
+        return dw_conv2d(x, self.weight + self.centre, self.bias, self.dilation[0])
 
 
 class LayerScale(nn.Module):
@@ -288,12 +286,12 @@ class DynamicConvBlock(nn.Module):
 
         def kernel(rows: slice, rpb: torch.Tensor) -> torch.Tensor:
             # logits laid out (B, G, HW, k*k): the softmax runs over the contiguous last dim, and the (N, k*k, H, W)
-            # view handed to na2d_av is exactly the layout its dense path multiplies with (no copy)
-            logits = torch.matmul(query.mT, torch.matmul(key, proj_w[rows].t())) + proj_b[rows]
+            # view handed to na2d_av is the layout its paths read without a copy
+            logits = torch.matmul(query.mT, torch.matmul(key, proj_w[rows].t()))
             acc = torch.promote_types(logits.dtype, torch.float32)
             with torch.autocast(f.device.type, enabled=False):  # softmax in >= fp32 (fp16 overflow otherwise)
-                bias = rpb_bias(rpb.to(acc), hh, ww).reshape(g, -1, hh * ww).mT
-                attn = (logits.to(acc) + bias).softmax(dim=-1)  # (B, G, HW, k*k)
+                bias = rpb_bias(rpb.to(acc), hh, ww) + proj_b[rows].to(acc)  # (G, HW, k*k), small
+                attn = add_into(logits.to(acc), bias).softmax(dim=-1)  # (B, G, HW, k*k)
             return attn.reshape(b * g, hh, ww, -1).permute(0, 3, 1, 2)
 
         small, large = kernel(slice(0, sk * sk), self.rpb1), kernel(slice(sk * sk, None), self.rpb2)

@@ -16,11 +16,20 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+CHUNK = 1 << 18  # elements squared at once on channels-last maps (1 MiB in fp32: stays in cache)
+
+
 def _stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    if x.is_contiguous():
+    n, c, h, w = x.shape
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
         gx = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), keepdim=True, dtype=_acc(x))
-    else:  # channels-last: the norm kernel reduces strided and is ~10x slower than a sum of squares
-        gx = x.square().sum((2, 3), keepdim=True, dtype=_acc(x)).sqrt()
+    else:  # channels-last: the norm kernel reduces strided and is ~10x slower than a sum of squares, and a
+        # full-size square costs an allocation and a pass through memory, so the (N, HW, C) rows go in chunks
+        rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        sq = torch.zeros(n, c, dtype=_acc(x), device=x.device)
+        for part in rows.split(max(1, CHUNK // (n * c)), dim=1):
+            sq += (part * part).sum(1, dtype=sq.dtype)
+        gx = sq.sqrt().view(n, c, 1, 1)
     return gx, gx.mean(dim=1, keepdim=True) + eps
 
 

@@ -5,19 +5,21 @@ does not pad: it slides inwards, starting at ``clamp(i - K // 2, 0, L - K)`` (NA
 at least K wide in each dimension.
 
 Layouts used throughout (so no permute/copy is needed around the op):
-    attn:  (N, K*K, H, W)   window slot a*K + b in the channel position, N = batch * heads
+    attn:  (N, K*K, H, W)   window slot a*K + b in the channel position, N = batch * heads; cheapest as the
+                            permuted view of an (N, H, W, K*K) tensor (ContMix's layout), any strides work
     value: (N, c, H, W)
     out:   (N, c, H, W)
 
 ``na2d_av`` is its own autograd function: forward and backward loop over the K window rows, gather the rows the
 windows read once, and turn the column part of the windows into small banded tile matrices, so the work runs as
 batched matmuls and never holds a K*K-times copy of the values or of their gradient (transient memory
-O(N*H*W*(c + 16 + K)), against the N*H*W*c*K*K of the unfold formulation). Maps of at most 2 * (c + K*K) pixels
-(stages 3 and 4 at 224x224) take a dense path instead: the weights scattered into one (H*W x H*W) matrix and a
-single matmul. ``na2d_av_unfold`` is the plain formulation (unfold the windows, replicate-pad the borders,
+O(N*H*W*(c + 16 + K)), against the N*H*W*c*K*K of the unfold formulation). Maps with at most 16 distinct windows
+(stages 3 and 4 at 224x224, where the map is barely wider than K) take a grouped path instead: one matmul per
+distinct window. ``na2d_av_unfold`` is the plain formulation (unfold the windows, replicate-pad the borders,
 weighted sum) kept for benchmarks, ``na2d_av_reference`` a direct loop over pixels kept for tests.
 """
-from typing import Tuple
+import functools
+from typing import Callable, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,19 @@ def window_starts(length: int, kernel_size: int, device=None) -> torch.Tensor:
     return (idx - kernel_size // 2).clamp(0, length - kernel_size)
 
 
+def _cached(fn: Callable) -> Callable:
+    """Memoise an index builder on its (shape, device) arguments: a block would otherwise rebuild the same index
+    tensors from a dozen small ops on every call (a tenth of the dispatches of an inference step). Compiled code
+    builds them in the graph instead. Callers must not modify the returned tensors."""
+    memo = functools.lru_cache(maxsize=64)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        return fn(*args) if torch.compiler.is_compiling() else memo(*args)
+    return wrapper
+
+
+@_cached
 def _window_indices(length: int, kernel_size: int, device) -> torch.Tensor:
     """(K, L) tensor: row a holds the index of window slot a for every position."""
     start = window_starts(length, kernel_size, device)
@@ -40,20 +55,29 @@ def _window_indices(length: int, kernel_size: int, device) -> torch.Tensor:
 
 
 def rpb_bias(rpb: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Gather a relative-position-bias table (G, 2K-1, 2K-1) into per-pixel logits (G, K*K, H, W).
+    """Gather a relative-position-bias table (G, 2K-1, 2K-1) into per-pixel logits (G, H*W, K*K), the layout of
+    ContMix's logits (pixel-major, window slot a*K + b last).
 
     The entry used for pixel (i, j) and window slot (a, b) is indexed by the true displacement between key and query,
     ``rpb[g, s_H(i) + a - i + K - 1, s_W(j) + b - j + K - 1]``, so border pixels use other entries than interior ones.
     """
     heads, size, _ = rpb.shape
     k = (size + 1) // 2
-    rows = _window_indices(height, k, rpb.device) - torch.arange(height, device=rpb.device) + k - 1  # (K, H)
-    cols = _window_indices(width, k, rpb.device) - torch.arange(width, device=rpb.device) + k - 1  # (K, W)
-    flat = (rows[:, None, :, None] * size + cols[None, :, None, :]).reshape(k * k, height * width)
-    return rpb.reshape(heads, size * size)[:, flat].reshape(heads, k * k, height, width)
+    rows, cols = _displacements(height, k, rpb.device), _displacements(width, k, rpb.device)  # (H, K), (W, K)
+    flat = (rows[:, None, :, None] * size + cols[None, :, None, :]).reshape(-1)  # (H, W, K, K)
+    return rpb.reshape(heads, size * size).index_select(1, flat).reshape(heads, height * width, k * k)
+
+
+@_cached
+def _displacements(length: int, k: int, device) -> torch.Tensor:
+    """(L, K): table index (displacement + K - 1) of each window slot from its position, along one axis."""
+    return (_window_indices(length, k, device) - torch.arange(length, device=device) + k - 1).t()
 
 
 TILE = 16  # output columns per band tile
+MAX_GROUPS = 16  # maps with at most this many distinct windows aggregate per window (``_na2d_av_grouped``)
+ALL_ROWS_PIXELS = 32 * 32  # maps up to this size aggregate all K window rows in one matmul (transient memory
+# about 4x that of the one-row-at-a-time loop, which larger maps use)
 
 
 class _Tiles:
@@ -97,6 +121,27 @@ class _Tiles:
         idx = self.local.unsqueeze(0).expand(w.shape[0], -1, -1, -1)
         return w.new_zeros(*w.shape[:3], self.span).scatter_(3, idx, w)
 
+    # every window row at once (small maps): one matmul of (TILE x K*S) bands with the K source blocks stacked
+    def blocks_all(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, c) values, (K, H) window rows -> (N*H, n, K*S, c)."""
+        n, h, w, c = values.shape
+        ks = self.ks
+        src = values.index_select(1, rows.t().reshape(-1)).reshape(n * h * ks, w, c).index_select(1, self.src)
+        return src.reshape(n * h, ks, self.n, self.span, c).transpose(1, 2).reshape(n * h, self.n, -1, c)
+
+    def index_all(self, r: int) -> torch.Tensor:
+        return self.local[None, :, :, None, :].expand(r, -1, -1, self.ks, -1)  # (R, n, TILE, K, K)
+
+    def band_all(self, weights: torch.Tensor) -> torch.Tensor:
+        """(R, W, K*K) window weights -> (R, n, TILE, K*S): the bands of all window rows side by side."""
+        r, ks = weights.shape[0], self.ks
+        w = self.pad(weights).reshape(r, self.n, self.tile, ks, ks)
+        bands = w.new_zeros(r, self.n, self.tile, ks, self.span).scatter_(4, self.index_all(r), w)
+        return bands.reshape(r, self.n, self.tile, ks * self.span)
+
+
+_tiles = _cached(_Tiles)
+
 
 class _NeighborhoodAV(torch.autograd.Function):
     """One window row ``a`` at a time: the image rows the windows read are gathered once, and the column part of the
@@ -108,39 +153,58 @@ class _NeighborhoodAV(torch.autograd.Function):
         n, c, h, w = value.shape
         ks = kernel_size
         rows = _window_indices(h, ks, value.device)
-        tiles = _Tiles(w, ks, value.device)
+        tiles = _tiles(w, ks, value.device)
         v_t = value.permute(0, 2, 3, 1).contiguous()  # (N, H, W, c)
-        a_t = attn.reshape(n, ks, ks, h, w).permute(1, 0, 3, 4, 2).contiguous()  # (K_rows, N, H, W, K_cols)
-        out = value.new_zeros(n * h, tiles.n, tiles.tile, c)
-        for a in range(ks):
-            src = tiles.blocks(v_t, rows[a])
-            out += torch.matmul(tiles.band(a_t[a].reshape(n * h, w, ks)), src)
-        ctx.save_for_backward(a_t, v_t)
         ctx.shape = (n, c, h, w, ks)
+        if h * w <= ALL_ROWS_PIXELS:
+            a_px = attn.permute(0, 2, 3, 1).reshape(n * h, w, ks * ks)  # a view of ContMix's layout
+            out = torch.matmul(tiles.band_all(a_px), tiles.blocks_all(v_t, rows))
+            ctx.save_for_backward(a_px, v_t)
+        else:
+            # (K_rows, N, H, W, K_cols), one copy from ContMix's (N, H, W, K*K) layout
+            a_t = attn.permute(0, 2, 3, 1).reshape(n, h, w, ks, ks).permute(3, 0, 1, 2, 4).contiguous()
+            out = value.new_zeros(n * h, tiles.n, tiles.tile, c)
+            for a in range(ks):
+                out += torch.matmul(tiles.band(a_t[a].reshape(n * h, w, ks)), tiles.blocks(v_t, rows[a]))
+            ctx.save_for_backward(a_t, v_t)
         out = out.reshape(n * h, tiles.padded, c)[:, :w]
         return out.reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, None]:
-        a_t, v_t = ctx.saved_tensors
+        a_saved, v_t = ctx.saved_tensors
         n, c, h, w, ks = ctx.shape
         rows = _window_indices(h, ks, v_t.device)
-        tiles = _Tiles(w, ks, v_t.device)
+        tiles = _tiles(w, ks, v_t.device)
         g_blk = tiles.pad(grad_out.permute(0, 2, 3, 1).reshape(n * h, w, c))  # (NH, n, TILE, c)
         need_attn, need_value = ctx.needs_input_grad[:2]
-        grad_a = torch.empty_like(a_t) if need_attn else None
-        grad_v = torch.zeros_like(v_t) if need_value else None
-        idx = tiles.local.unsqueeze(0).expand(n * h, -1, -1, -1)
-        for a in range(ks):
+        if h * w <= ALL_ROWS_PIXELS:
+            grad_a = grad_v = None
             if need_attn:
-                src = tiles.blocks(v_t, rows[a])
-                pair = torch.matmul(g_blk, src.transpose(2, 3))  # (NH, n, TILE, S)
-                grad_a[a] = pair.gather(3, idx).reshape(n * h, tiles.padded, ks)[:, :w].reshape(n, h, w, ks)
+                pair = torch.matmul(g_blk, tiles.blocks_all(v_t, rows).transpose(2, 3))  # (NH, n, TILE, K*S)
+                pair = pair.reshape(n * h, tiles.n, tiles.tile, ks, tiles.span).gather(4, tiles.index_all(n * h))
+                grad_a = pair.reshape(n * h, tiles.padded, ks * ks)[:, :w].reshape(n, h, w, ks * ks)
             if need_value:
-                g_src = torch.matmul(tiles.band(a_t[a].reshape(n * h, w, ks)).transpose(2, 3), g_blk)
-                g_rows = v_t.new_zeros(n * h, w, c).index_add_(1, tiles.src, g_src.reshape(n * h, -1, c))
-                grad_v.index_add_(1, rows[a], g_rows.reshape(n, h, w, c))
-        grad_attn = grad_a.permute(1, 0, 4, 2, 3).reshape(n, ks * ks, h, w) if need_attn else None
+                g_src = torch.matmul(tiles.band_all(a_saved).transpose(2, 3), g_blk)  # (NH, n, K*S, c)
+                g_src = g_src.reshape(n * h, tiles.n, ks, -1, c).transpose(1, 2).reshape(n * h * ks, -1, c)
+                g_rows = v_t.new_zeros(n * h * ks, w, c).index_add_(1, tiles.src, g_src)
+                grad_v = v_t.new_zeros(n, h, w, c).index_add_(1, rows.t().reshape(-1), g_rows.reshape(n, -1, w, c))
+        else:
+            a_t = a_saved
+            grad_a = torch.empty_like(a_t) if need_attn else None
+            grad_v = torch.zeros_like(v_t) if need_value else None
+            idx = tiles.local.unsqueeze(0).expand(n * h, -1, -1, -1)
+            for a in range(ks):
+                if need_attn:
+                    pair = torch.matmul(g_blk, tiles.blocks(v_t, rows[a]).transpose(2, 3))  # (NH, n, TILE, S)
+                    grad_a[a] = pair.gather(3, idx).reshape(n * h, tiles.padded, ks)[:, :w].reshape(n, h, w, ks)
+                if need_value:
+                    g_src = torch.matmul(tiles.band(a_t[a].reshape(n * h, w, ks)).transpose(2, 3), g_blk)
+                    g_rows = v_t.new_zeros(n * h, w, c).index_add_(1, tiles.src, g_src.reshape(n * h, -1, c))
+                    grad_v.index_add_(1, rows[a], g_rows.reshape(n, h, w, c))
+            if need_attn:
+                grad_a = grad_a.permute(1, 2, 3, 0, 4).reshape(n, h, w, ks * ks)
+        grad_attn = grad_a.permute(0, 3, 1, 2) if need_attn else None
         grad_value = grad_v.permute(0, 3, 1, 2).contiguous() if need_value else None
         return grad_attn, grad_value, None
 
@@ -152,15 +216,31 @@ def _check(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
                          f'got {tuple(attn.shape)} and {tuple(value.shape)}')
 
 
-def _na2d_av_dense(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Small maps: scatter the window weights into one dense (H*W x H*W) matrix per image and head and aggregate
-    with a single matmul (its memory, N*(H*W)^2, is within the order of N*H*W*(c + K*K) by the caller's rule)."""
+def _runs(length: int, kernel_size: int):
+    """(window start, first, end) of each run of positions sharing one clamped window: the first K//2 + 1
+    positions share start 0, the last K//2 + 1 share start L - K, interior positions have their own."""
+    last, r = length - kernel_size, kernel_size // 2
+    return [(s, 0 if s == 0 else s + r, length if s == last else s + r + 1) for s in range(last + 1)]
+
+
+def _na2d_av_grouped(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Maps barely wider than K (stage 3 and 4 at 224x224) have few distinct windows: (H-K+1) x (W-K+1), 1 to 16.
+    Each group of pixels sharing a window is one matmul of that window's values (N, c, K*K) with the group's weights,
+    so nothing is scattered and no window is copied more than once (transient memory <= 16 N c K*K).
+    Plain autograd: ``split`` backs up as one concatenation, the overlapping windows' slices as sums."""
     n, c, h, w = value.shape
     ks = kernel_size
-    rows, cols = _window_indices(h, ks, value.device), _window_indices(w, ks, value.device)  # (K, H), (K, W)
-    src = (rows.t()[:, None, :, None] * w + cols.t()[None, :, None, :]).reshape(h * w, ks * ks)  # (HW, K*K)
-    dense = attn.new_zeros(n, h * w, h * w).scatter(2, src.expand(n, -1, -1), attn.reshape(n, ks * ks, h * w).mT)
-    return torch.matmul(value.reshape(n, c, h * w), dense.mT).reshape(n, c, h, w)
+    row_runs, col_runs = _runs(h, ks), _runs(w, ks)
+    weights = attn.permute(0, 2, 3, 1)  # (N, H, W, K*K): a free view of ContMix's layout
+    out_rows = []
+    for (sr, i0, i1), row_w in zip(row_runs, weights.split([i1 - i0 for _, i0, i1 in row_runs], 1)):
+        out_cols = []
+        for (sc, j0, j1), blk in zip(col_runs, row_w.split([j1 - j0 for _, j0, j1 in col_runs], 2)):
+            window = value[:, :, sr:sr + ks, sc:sc + ks].reshape(n, c, ks * ks)
+            out = torch.matmul(window, blk.reshape(n, -1, ks * ks).mT)  # (N, c, pixels of the group)
+            out_cols.append(out.reshape(n, c, i1 - i0, j1 - j0))
+        out_rows.append(torch.cat(out_cols, 3))
+    return torch.cat(out_rows, 2)
 
 
 def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -170,9 +250,9 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.
         raise ValueError(f'na2d_av needs an odd kernel size, got {kernel_size}')
     attn = attn.to(value.dtype)
     n, c, h, w = value.shape
-    if h * w <= 2 * (c + kernel_size * kernel_size):
-        return _na2d_av_dense(attn, value, kernel_size)
-    return _NeighborhoodAV.apply(attn.contiguous(), value.contiguous(), kernel_size)
+    if (h - kernel_size + 1) * (w - kernel_size + 1) <= MAX_GROUPS:
+        return _na2d_av_grouped(attn, value, kernel_size)
+    return _NeighborhoodAV.apply(attn, value.contiguous(), kernel_size)
 
 
 def na2d_av_unfold(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
