@@ -156,15 +156,3 @@ def test_residual_stream_keeps_fp32_under_bf16_autocast():
     ref = blk.ls(blk.dwconv(x)) + blk.proj(blk.dwconv(x))
     torch.testing.assert_close(y32, ref)
 
-
-@pytest.mark.parametrize('all_rows', [True, False])
-def test_tiled_path_all_rows_and_row_loop_agree(all_rows, monkeypatch):
-    """The tiled operator aggregates all window rows in one matmul on small maps and loops over them on larger ones
-    (several tiles per row here): both are exact, forward and backward."""
-    import overlock_core.ops.neighborhood as nb
-    monkeypatch.setattr(nb, 'ALL_ROWS_PIXELS', 10 ** 6 if all_rows else 0)
-    attn = torch.randn(2, 25, 6, 37, dtype=torch.float64, requires_grad=True)
-    value = torch.randn(2, 3, 6, 37, dtype=torch.float64, requires_grad=True)
-    op = nb._NeighborhoodAV.apply
-    torch.testing.assert_close(op(attn, value, 5), na2d_av_reference(attn, value, 5), rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda a, v: op(a, v, 5), (attn, value))

@@ -132,7 +132,10 @@ def run_op(a: Dict) -> Dict:
     g, c, h, w, k = OP_SHAPES[a['shape']]
     dev = a['device']
     n = a['batch'] * g
-    attn = torch.randn(n, k * k, h, w, device=dev).softmax(1).requires_grad_()
+    # each formulation gets the layout it is fastest with: ours the one ContMix hands it (an (N, H, W, K*K) softmax
+    # output viewed as (N, K*K, H, W)), the unfold formulation a contiguous (N, K*K, H, W) tensor
+    attn = torch.randn(n, h, w, k * k, device=dev).softmax(-1).permute(0, 3, 1, 2)
+    attn = (attn if a['impl'] == 'ours' else attn.contiguous()).requires_grad_()
     value = torch.randn(n, c, h, w, device=dev, requires_grad=True)
     grad = torch.randn(n, c, h, w, device=dev)
     fn = na2d_av if a['impl'] == 'ours' else na2d_av_unfold

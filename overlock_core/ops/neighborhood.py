@@ -76,8 +76,6 @@ def _displacements(length: int, k: int, device) -> torch.Tensor:
 
 TILE = 16  # output columns per band tile
 MAX_GROUPS = 16  # maps with at most this many distinct windows aggregate per window (``_na2d_av_grouped``)
-ALL_ROWS_PIXELS = 32 * 32  # maps up to this size aggregate all K window rows in one matmul (transient memory
-# about 4x that of the one-row-at-a-time loop, which larger maps use)
 
 
 class _Tiles:
@@ -102,11 +100,14 @@ class _Tiles:
         local = torch.cat([local, local.new_zeros(self.padded - width, ks)])  # padded columns: weight 0
         self.local = local.reshape(self.n, self.tile, ks)
 
-    def blocks(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, c) values, the image rows window row ``a`` reads (H,) -> (N*H, n, S, c) source blocks."""
-        n, h, w, c = values.shape
-        return values.index_select(1, rows).reshape(n * h, w, c).index_select(1, self.src).reshape(
-            n * h, self.n, self.span, c)
+    def columns(self, values: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, c) values -> (N, H, n*S, c): each tile's source columns, gathered once for all window rows."""
+        return values.index_select(2, self.src)
+
+    def blocks(self, columns: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``columns``, the image rows window row ``a`` reads (H,) -> (N*H, n, S, c) source blocks."""
+        n, h, _, c = columns.shape
+        return columns.index_select(1, rows).reshape(n * h, self.n, self.span, c)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(R, W, X) -> (R, n, TILE, X), zero-padded past the last column."""
@@ -115,29 +116,12 @@ class _Tiles:
             x = torch.cat([x, x.new_zeros(r, self.padded - w, k)], 1)
         return x.reshape(r, self.n, self.tile, k)
 
-    def band(self, weights: torch.Tensor) -> torch.Tensor:
-        """(R, W, K) window weights -> (R, n, TILE, S) banded matrices."""
+    def band(self, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """(R, W, K) window weights -> (R, n, TILE, S) banded matrices, written into ``out`` (one buffer reused
+        for every window row: fewer large allocations, less heap growth)."""
         w = self.pad(weights)
         idx = self.local.unsqueeze(0).expand(w.shape[0], -1, -1, -1)
-        return w.new_zeros(*w.shape[:3], self.span).scatter_(3, idx, w)
-
-    # every window row at once (small maps): one matmul of (TILE x K*S) bands with the K source blocks stacked
-    def blocks_all(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, c) values, (K, H) window rows -> (N*H, n, K*S, c)."""
-        n, h, w, c = values.shape
-        ks = self.ks
-        src = values.index_select(1, rows.t().reshape(-1)).reshape(n * h * ks, w, c).index_select(1, self.src)
-        return src.reshape(n * h, ks, self.n, self.span, c).transpose(1, 2).reshape(n * h, self.n, -1, c)
-
-    def index_all(self, r: int) -> torch.Tensor:
-        return self.local[None, :, :, None, :].expand(r, -1, -1, self.ks, -1)  # (R, n, TILE, K, K)
-
-    def band_all(self, weights: torch.Tensor) -> torch.Tensor:
-        """(R, W, K*K) window weights -> (R, n, TILE, K*S): the bands of all window rows side by side."""
-        r, ks = weights.shape[0], self.ks
-        w = self.pad(weights).reshape(r, self.n, self.tile, ks, ks)
-        bands = w.new_zeros(r, self.n, self.tile, ks, self.span).scatter_(4, self.index_all(r), w)
-        return bands.reshape(r, self.n, self.tile, ks * self.span)
+        return out.zero_().scatter_(3, idx, w)
 
 
 _tiles = _cached(_Tiles)
@@ -156,55 +140,46 @@ class _NeighborhoodAV(torch.autograd.Function):
         tiles = _tiles(w, ks, value.device)
         v_t = value.permute(0, 2, 3, 1).contiguous()  # (N, H, W, c)
         ctx.shape = (n, c, h, w, ks)
-        if h * w <= ALL_ROWS_PIXELS:
-            a_px = attn.permute(0, 2, 3, 1).reshape(n * h, w, ks * ks)  # a view of ContMix's layout
-            out = torch.matmul(tiles.band_all(a_px), tiles.blocks_all(v_t, rows))
-            ctx.save_for_backward(a_px, v_t)
-        else:
-            # (K_rows, N, H, W, K_cols), one copy from ContMix's (N, H, W, K*K) layout
-            a_t = attn.permute(0, 2, 3, 1).reshape(n, h, w, ks, ks).permute(3, 0, 1, 2, 4).contiguous()
-            out = value.new_zeros(n * h, tiles.n, tiles.tile, c)
-            for a in range(ks):
-                out += torch.matmul(tiles.band(a_t[a].reshape(n * h, w, ks)), tiles.blocks(v_t, rows[a]))
-            ctx.save_for_backward(a_t, v_t)
+        a_px = attn.permute(0, 2, 3, 1)  # (N, H, W, K*K): a view of ContMix's layout, saved without a copy
+        a5 = a_px.reshape(n, h, w, ks, ks)
+        out = value.new_zeros(n * h, tiles.n, tiles.tile, c)
+        cols = tiles.columns(v_t)
+        band = value.new_empty(n * h, tiles.n, tiles.tile, tiles.span)
+        acc = out.view(-1, tiles.tile, c)  # accumulated in place: no product tensor per window row
+        for a in range(ks):
+            bands = tiles.band(a5[..., a, :].reshape(n * h, w, ks), band).view(-1, tiles.tile, tiles.span)
+            acc.baddbmm_(bands, tiles.blocks(cols, rows[a]).view(-1, tiles.span, c))
+        ctx.save_for_backward(a_px, v_t)
         out = out.reshape(n * h, tiles.padded, c)[:, :w]
         return out.reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, None]:
-        a_saved, v_t = ctx.saved_tensors
+        a_px, v_t = ctx.saved_tensors
         n, c, h, w, ks = ctx.shape
         rows = _window_indices(h, ks, v_t.device)
         tiles = _tiles(w, ks, v_t.device)
         g_blk = tiles.pad(grad_out.permute(0, 2, 3, 1).reshape(n * h, w, c))  # (NH, n, TILE, c)
         need_attn, need_value = ctx.needs_input_grad[:2]
-        if h * w <= ALL_ROWS_PIXELS:
-            grad_a = grad_v = None
+        a5 = a_px.reshape(n, h, w, ks, ks)
+        grad5 = v_t.new_empty(n, h, w, ks, ks) if need_attn else None  # written in place, in attn's layout
+        grad_v = torch.zeros_like(v_t) if need_value else None
+        idx = tiles.local.unsqueeze(0).expand(n * h, -1, -1, -1)
+        cols = tiles.columns(v_t) if need_attn else None
+        band = v_t.new_empty(n * h, tiles.n, tiles.tile, tiles.span)  # buffers reused for every window row
+        pair = v_t.new_empty(n * h, tiles.n, tiles.tile, tiles.span) if need_attn else None
+        g_src = v_t.new_empty(n * h, tiles.n, tiles.span, c) if need_value else None
+        g_rows = v_t.new_empty(n * h, w, c) if need_value else None
+        for a in range(ks):
             if need_attn:
-                pair = torch.matmul(g_blk, tiles.blocks_all(v_t, rows).transpose(2, 3))  # (NH, n, TILE, K*S)
-                pair = pair.reshape(n * h, tiles.n, tiles.tile, ks, tiles.span).gather(4, tiles.index_all(n * h))
-                grad_a = pair.reshape(n * h, tiles.padded, ks * ks)[:, :w].reshape(n, h, w, ks * ks)
+                torch.matmul(g_blk, tiles.blocks(cols, rows[a]).transpose(2, 3), out=pair)  # (NH, n, TILE, S)
+                grad5[..., a, :] = pair.gather(3, idx).reshape(n * h, tiles.padded, ks)[:, :w].reshape(n, h, w, ks)
             if need_value:
-                g_src = torch.matmul(tiles.band_all(a_saved).transpose(2, 3), g_blk)  # (NH, n, K*S, c)
-                g_src = g_src.reshape(n * h, tiles.n, ks, -1, c).transpose(1, 2).reshape(n * h * ks, -1, c)
-                g_rows = v_t.new_zeros(n * h * ks, w, c).index_add_(1, tiles.src, g_src)
-                grad_v = v_t.new_zeros(n, h, w, c).index_add_(1, rows.t().reshape(-1), g_rows.reshape(n, -1, w, c))
-        else:
-            a_t = a_saved
-            grad_a = torch.empty_like(a_t) if need_attn else None
-            grad_v = torch.zeros_like(v_t) if need_value else None
-            idx = tiles.local.unsqueeze(0).expand(n * h, -1, -1, -1)
-            for a in range(ks):
-                if need_attn:
-                    pair = torch.matmul(g_blk, tiles.blocks(v_t, rows[a]).transpose(2, 3))  # (NH, n, TILE, S)
-                    grad_a[a] = pair.gather(3, idx).reshape(n * h, tiles.padded, ks)[:, :w].reshape(n, h, w, ks)
-                if need_value:
-                    g_src = torch.matmul(tiles.band(a_t[a].reshape(n * h, w, ks)).transpose(2, 3), g_blk)
-                    g_rows = v_t.new_zeros(n * h, w, c).index_add_(1, tiles.src, g_src.reshape(n * h, -1, c))
-                    grad_v.index_add_(1, rows[a], g_rows.reshape(n, h, w, c))
-            if need_attn:
-                grad_a = grad_a.permute(1, 2, 3, 0, 4).reshape(n, h, w, ks * ks)
-        grad_attn = grad_a.permute(0, 3, 1, 2) if need_attn else None
+                bands = tiles.band(a5[..., a, :].reshape(n * h, w, ks), band)
+                torch.matmul(bands.transpose(2, 3), g_blk, out=g_src)  # (NH, n, S, c)
+                g_rows.zero_().index_add_(1, tiles.src, g_src.view(n * h, -1, c))
+                grad_v.index_add_(1, rows[a], g_rows.view(n, h, w, c))
+        grad_attn = grad5.reshape(n, h, w, ks * ks).permute(0, 3, 1, 2) if need_attn else None
         grad_value = grad_v.permute(0, 3, 1, 2).contiguous() if need_value else None
         return grad_attn, grad_value, None
 
