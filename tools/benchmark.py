@@ -3,10 +3,10 @@
 
 Every measurement runs in a fresh worker process (so peak memory is that measurement's alone), ``--repeats`` times
 with the models alternating; each figure is the median over those processes of each process's median step time
-(the spread column is (max - min) / median over the processes). CPU peak memory is
-the rise of the resident set (VmHWM, reset through /proc/self/clear_refs) over all steps above the state after the
-model and input were built (measured before the first step: glibc keeps much of a step's memory afterwards, and a
-baseline taken then hides a varying part of the peak); CUDA peak memory is torch.cuda.max_memory_allocated above the same point.
+(the spread column is (max - min) / median over the processes). CPU peak memory is the rise of the resident set
+(VmHWM, reset through /proc/self/clear_refs) over all steps above the state after the model and input were built
+(measured before the first step: glibc keeps much of a step's memory afterwards, and a baseline taken then hides a
+varying part of the peak); CUDA peak memory is torch.cuda.max_memory_allocated above the same point.
   infer: eval, no grad, deploy (re-parameterised) form for OverLoCK;  train: forward + backward, training form.
 
   python tools/benchmark.py                                   # 224x224, batch 8, CPU, 2 threads

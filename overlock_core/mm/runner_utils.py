@@ -15,8 +15,8 @@ from typing import Any, Dict, Optional
 import torch
 from mmengine.config import Config
 
-__all__ = ['task_of', 'apply_data_root', 'config_class', 'merge_cfg_options', 'prepare_work_dir', 'setup_distributed_env',
-           'import_task', 'summarise_metrics', 'write_results_json']
+__all__ = ['task_of', 'apply_data_root', 'config_class', 'merge_cfg_options', 'prepare_work_dir',
+           'setup_distributed_env', 'import_task', 'summarise_metrics', 'write_results_json']
 
 _TASKS = {'mmdet': 'det', 'mmseg': 'seg'}
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 
-from ..ops import dw_conv2d, grn, na2d_av, rpb_bias
+from ..ops import dilate_and_pad, dw_conv2d, grn, na2d_av, rpb_bias
 
 # DilatedReparamBlock branches per large kernel: (kernel, dilation), from UniRepLKNet (spec B.3).
 DRB_BRANCHES: Dict[int, Tuple[Tuple[int, int], ...]] = {
@@ -108,16 +108,6 @@ def fuse_conv_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor
     std = (bn.running_var + bn.eps).sqrt()
     scale = bn.weight / std
     return kernel * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
-
-
-def dilate_and_pad(kernel: torch.Tensor, dilation: int, size: int) -> torch.Tensor:
-    """Insert zeros between taps (dilation) and zero-pad to size x size, centred."""
-    c, _, k, _ = kernel.shape
-    ek = dilation * (k - 1) + 1
-    out = kernel.new_zeros(c, 1, ek, ek)
-    out[:, :, ::dilation, ::dilation] = kernel
-    pad = (size - ek) // 2
-    return F.pad(out, (pad, pad, pad, pad))
 
 
 class DilatedReparamBlock(nn.Module):

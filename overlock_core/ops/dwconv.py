@@ -22,12 +22,24 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['dw_conv2d', 'dw_weight_grad']
+__all__ = ['dilate_and_pad', 'dw_conv2d', 'dw_weight_grad']
 
 LARGE_KERNEL = 9  # from this many taps on the weight gradient is computed by us
 SMALL_MAP = 16 * 16  # at most this many pixels and ...
 SMALL_MAP_MAX_K = 13  # ... at most this many taps: grouped-conv weight gradient (wider kernels hit a slow path)
 NHWC_SPAN = 14  # kernels spanning this many pixels or more run channels-last
+
+
+def dilate_and_pad(kernel: torch.Tensor, dilation: int, size: int) -> torch.Tensor:
+    """(C, 1, k, k) kernel -> (C, 1, size, size): zeros inserted between the taps (dilation), zero-padded around,
+    centred; differentiable. The same dense kernel as the dilated one: used to merge re-parameterised branches
+    and to run dilated kernels as dense ones."""
+    c, _, k, _ = kernel.shape
+    ek = dilation * (k - 1) + 1
+    out = kernel.new_zeros(c, 1, ek, ek)
+    out[:, :, ::dilation, ::dilation] = kernel
+    pad = (size - ek) // 2
+    return F.pad(out, (pad, pad, pad, pad))
 
 
 def _layout(x: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
@@ -95,11 +107,7 @@ def dw_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     if dilation > 1 and weight.shape[-1] >= LARGE_KERNEL:
         # oneDNN's dilated depth-wise kernels run ~10x below its dense ones: a 9x9 kernel with dilation 2 is
         # 3x faster as the 17x17 kernel with zeros between its taps (differentiable; gradients reach the taps)
-        k = weight.shape[-1]
-        span = dilation * (k - 1) + 1
-        dense = weight.new_zeros(weight.shape[0], 1, span, span)
-        dense[:, :, ::dilation, ::dilation] = weight
-        weight, dilation = dense, 1
+        weight, dilation = dilate_and_pad(weight, dilation, dilation * (weight.shape[-1] - 1) + 1), 1
     if torch.is_autocast_enabled('cpu'):
         dtype = torch.get_autocast_dtype('cpu')
         x, weight = x.to(dtype), weight.to(dtype)
