@@ -11,7 +11,7 @@ import pickle
 import re
 import tempfile
 import zipfile
-from typing import Any, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Mapping, Union
 
 import torch
 import torch.nn as nn

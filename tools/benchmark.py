@@ -83,6 +83,8 @@ def run_model(a: Dict) -> Dict:
     kw = {}
     if a['backbone']:
         kw = dict(features_only=True, out_indices=(0, 1, 2, 3))
+    if a.get('no_lean') and a['model'].startswith('overlock'):
+        kw['lean'] = False
     model = timm.create_model(a['model'], **kw).to(dev)
     if a.get('grad_checkpointing'):
         model.set_grad_checkpointing(True)
@@ -173,6 +175,8 @@ def main(argv=None):
     ap.add_argument('--backbone', action='store_true', help='features only (no classifier), as in det/seg')
     ap.add_argument('--grad-checkpointing', action='store_true',
                     help='recompute each block in the backward (timm set_grad_checkpointing): memory for time')
+    ap.add_argument('--no-lean', action='store_true',
+                    help="OverLoCK's training form through plain modules (no recomputation; more memory)")
     ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--iters', type=int, default=3)
     ap.add_argument('--repeats', type=int, default=3,
@@ -209,7 +213,8 @@ def main(argv=None):
         h, w = args.size
         print(f"{h}x{w}, batch {args.batch}, {args.device}, {args.threads} threads, {args.dtype}"
               f"{', channels_last' if args.channels_last else ''}{', backbone only' if args.backbone else ''}"
-              f"{', gradient checkpointing' if args.grad_checkpointing else ''}")
+              f"{', gradient checkpointing' if args.grad_checkpointing else ''}"
+              f"{', OverLoCK without recomputation (--no-lean)' if args.no_lean else ''}")
         print(f"{'model':18}{'mode':7}{'ms/step':>10}{'img/s':>9}{'peak MiB':>10}{'params M':>10}{'spread':>10}")
         results: Dict = {}
         for _ in range(args.repeats):  # models alternate, so a slow spell of the machine hits each of them
@@ -217,7 +222,7 @@ def main(argv=None):
                 for mode in args.modes:
                     r = _worker(dict(common, kind='model', model=model, mode=mode, size=[h, w], dtype=args.dtype,
                                      channels_last=args.channels_last, backbone=args.backbone,
-                                     grad_checkpointing=args.grad_checkpointing))
+                                     grad_checkpointing=args.grad_checkpointing, no_lean=args.no_lean))
                     results.setdefault((model, mode), []).append(r)
         for (model, mode), runs in results.items():
             ok = [r for r in runs if 'error' not in r]

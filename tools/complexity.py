@@ -58,19 +58,24 @@ def _lk_hooks(model: nn.Module, store: List[float]):
     return [m.lk_origin.register_forward_hook(hook) for m in model.modules() if isinstance(m, DilatedReparamBlock)]
 
 
+def _logits_only(q, kw, rpb, pb, value, k):
+    torch.matmul(q, kw)  # the kernel logits, counted by FlopCounterMode
+    return torch.zeros_like(value)
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, inputs, forward=None) -> Tuple[float, float, float]:
     """(MACs counted by FlopCounterMode + aggregation, aggregation MACs, lk_origin MACs)."""
     na2d, lk, proj = [], [], []
     handles = _na2d_hooks(model, na2d, proj) + _lk_hooks(model, lk)
-    # The operator's internal banded matmuls are an implementation detail: count its exact MACs (hooks above) and
-    # skip its computation (values do not change any count).
-    real_op, layers.na2d_av = layers.na2d_av, lambda attn, value, k: torch.zeros_like(value)
+    # The aggregation's internal banded matmuls are an implementation detail: count its exact MACs (hooks above) and
+    # skip its computation (values do not change any count); the kernel logits q @ kw are counted as computed.
+    real_op, layers.kernel_av = layers.kernel_av, _logits_only
     try:
         with FlopCounterMode(display=False) as counter:
             (forward or model)(*inputs) if isinstance(inputs, tuple) else (forward or model)(inputs)
     finally:
-        layers.na2d_av = real_op
+        layers.kernel_av = real_op
         for h in handles:
             h.remove()
     return counter.get_total_flops() / 2 + sum(na2d) + sum(proj), sum(na2d), sum(lk)

@@ -91,7 +91,7 @@ class OverLoCKBackbone(OverLoCK):
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH, prefix=None, use_ema=False)``; see the module
             docstring (``use_ema`` picks ``state_dict_ema`` of a timm/our classification checkpoint).
         pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``.
-        **kwargs: further :class:`OverLoCK` arguments (``kernel_sizes``, ``use_context``, ``mixer``, ...).
+        **kwargs: further :class:`OverLoCK` arguments (``kernel_sizes``, ``use_context``, ``mixer``, ``lean``, ...).
     """
 
     def __init__(self, arch: Union[str, dict] = 't', dense: str = 'det', out_indices: Sequence[int] = (0, 1, 2, 3),

@@ -1,13 +1,14 @@
 """Building blocks of OverLoCK. Module and parameter names follow the authors' state_dict layout (spec B.8) so
 their released checkpoints load unchanged; indices inside the nn.Sequential containers are part of that layout."""
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 
-from ..ops import dilate_and_pad, dw_conv2d, grn, na2d_av, rpb_bias
+from ..ops import (bn_act, bn_branch_sum, conv_mlp, dense_dilated, dilate_and_pad, dw_conv2d, gated_bn_conv, grn,
+                   kernel_av)
 
 # DilatedReparamBlock branches per large kernel: (kernel, dilation), from UniRepLKNet (spec B.3).
 DRB_BRANCHES: Dict[int, Tuple[Tuple[int, int], ...]] = {
@@ -29,6 +30,51 @@ def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     if torch.promote_types(fresh.dtype, other.dtype) == fresh.dtype:
         return fresh.add_(other)
     return fresh + other
+
+
+class Lean:
+    """Mixin: ``lean`` (default on; ``OverLoCK.set_lean``) runs the module's training form through the recomputing
+    functions of ``ops.recompute`` (about 2x less activation memory, a few % more compute). They apply while
+    gradients are recorded and the model is not being compiled (the compiler plans its own recomputation)."""
+    lean = True
+
+    def recompute(self) -> bool:
+        return self.lean and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def plain_bn(bn: nn.Module) -> bool:
+    """A BatchNorm2d normalising with its batch statistics on this process (not SyncBatchNorm, not frozen)."""
+    return type(bn) is nn.BatchNorm2d and bn.training and bn.affine
+
+
+class Chain(Lean, nn.Sequential):
+    """nn.Sequential (same state_dict) that, in training, runs each BatchNorm2d followed by GELU or SiLU as one
+    recomputing function (``ops.bn_act``): the BatchNorm output is not kept."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mods, i = list(self), 0
+        while i < len(mods):
+            act = mods[i + 1] if i + 1 < len(mods) else None
+            if plain_bn(mods[i]) and self.recompute() and (isinstance(act, nn.SiLU) or (
+                    isinstance(act, nn.GELU) and act.approximate == 'none')):
+                x = bn_act(x, mods[i], 'silu' if isinstance(act, nn.SiLU) else 'gelu')
+                i += 2
+            else:
+                x = mods[i](x)
+                i += 1
+        return x
+
+
+def mlp(seq: Sequence[nn.Module], x: torch.Tensor, lean: bool, se: Optional['SEModule'] = None) -> torch.Tensor:
+    """The MLP chain [1x1 conv, GELU, ResDWConv, GRN, 1x1 conv], after ``se`` if given: when ``lean``, one
+    recomputing function that keeps x and one hidden map instead of the scaled x and four hidden maps."""
+    conv1, act, dw, norm, conv2 = seq
+    if not lean or act.approximate != 'none':
+        return conv2(norm(dw(act(conv1(x if se is None else se(x))))))
+    residual = torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64)
+    wdw = dw.weight if residual else dw.weight + dw.centre
+    return conv_mlp(x, conv1.weight, conv1.bias, wdw, dw.bias, norm.gamma, norm.beta, conv2.weight, conv2.bias,
+                    residual, scale=None if se is None else se.proj(x))
 
 
 def layer_norm(dim: int) -> nn.Module:
@@ -110,7 +156,7 @@ def fuse_conv_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor
     return kernel * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
 
 
-class DilatedReparamBlock(nn.Module):
+class DilatedReparamBlock(Lean, nn.Module):
     """Depth-wise K x K conv plus parallel dilated small-kernel branches, each with its own BN (UniRepLKNet).
     ``reparameterize()`` folds everything into one K x K depth-wise conv with bias (the deploy form)."""
 
@@ -131,6 +177,13 @@ class DilatedReparamBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
             return self.lk_origin(x)
+        convs = [self.lk_origin] + [getattr(self, f'dil_conv_k{k}_{r}') for k, r in self.branches]
+        bns = [self.origin_bn] + [getattr(self, f'dil_bn_k{k}_{r}') for k, r in self.branches]
+        if self.recompute() and all(plain_bn(bn) for bn in bns):  # keeps x alone, not one map per branch
+            cpu = x.device.type == 'cpu'  # dense form of wide dilated kernels: a CPU speed-up (see ops.dwconv)
+            weights, dilations = zip(*(dense_dilated(c.weight, c.dilation[0]) if cpu else (c.weight, c.dilation[0])
+                                       for c in convs))
+            return bn_branch_sum(x, weights, dilations, bns)
         out = self.origin_bn(self.lk_origin(x))
         for k, r in self.branches:
             out = out + getattr(self, f'dil_bn_k{k}_{r}')(getattr(self, f'dil_conv_k{k}_{r}')(x))
@@ -156,7 +209,7 @@ class DilatedReparamBlock(nn.Module):
         self.deploy = True
 
 
-class RepConvBlock(nn.Module):
+class RepConvBlock(Lean, nn.Module):
     """Base-Net / Overview-Net block (spec B.2). The layer scale multiplies the shortcut, the branch is dropped."""
 
     def __init__(self, dim: int, kernel_size: int, mlp_ratio: float = 4, ls_init_value: Optional[float] = None,
@@ -172,7 +225,9 @@ class RepConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
-        return add_into(self.proj(x), self.ls(x))
+        p = self.proj
+        y = p[9](mlp(p[4:9], p[2](p[1](p[0](x))), self.recompute(), se=p[3]))  # p[3]: SE, p[4:9]: MLP
+        return add_into(y, self.ls(x))
 
 
 class ContextDownsample(nn.Module):
@@ -195,7 +250,7 @@ def contmix_size(h: int, w: int, kernel_size: int) -> Tuple[int, int]:
     return (kernel_size, int(kernel_size / h * w)) if h < w else (int(kernel_size / w * h), kernel_size)
 
 
-class DynamicConvBlock(nn.Module):
+class DynamicConvBlock(Lean, nn.Module):
     """Focus-Net block with ContMix (spec B.4).
 
     ContMix: the query comes from the feature part of the normalised input, the key from 7x7 adaptive-pooled region
@@ -228,7 +283,7 @@ class DynamicConvBlock(nn.Module):
             self.h_scale = LayerScale(ctx_dim, 1.0)
         self.dwconv1 = ResDWConv(out_dim)
         self.norm1 = layer_norm(out_dim)
-        self.fusion = nn.Sequential(
+        self.fusion = Chain(
             DWConv2d(out_dim, 3), nn.BatchNorm2d(out_dim), nn.GELU(),
             nn.Conv2d(out_dim, dim, 1), GRN(dim))
         if mixer == 'contmix':
@@ -243,7 +298,7 @@ class DynamicConvBlock(nn.Module):
         self.dyconv_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
         self.lepe = nn.Sequential(DilatedReparamBlock(dim, kernel_size, deploy), nn.BatchNorm2d(dim))
         self.se_layer = SEModule(dim)
-        self.gate = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
+        self.gate = Chain(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
         self.proj = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
         self.ls1 = LayerScale(out_dim, ls_init_value)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -273,21 +328,18 @@ class DynamicConvBlock(nn.Module):
         # one matmul per kernel and no (B*G, 49, H, W) affinity map
         proj_w = self.weight_proj.weight.reshape(-1, self.num_centres)
         proj_b = self.weight_proj.bias
+        acc = torch.promote_types(f.dtype, torch.float32)  # bias and softmax in >= fp32 (fp16 overflows otherwise)
 
-        def kernel(rows: slice, rpb: torch.Tensor) -> torch.Tensor:
-            # logits laid out (B, G, HW, k*k): the softmax runs over the contiguous last dim, and the (N, k*k, H, W)
-            # view handed to na2d_av is the layout its paths read without a copy
-            logits = torch.matmul(query.mT, torch.matmul(key, proj_w[rows].t()))
-            acc = torch.promote_types(logits.dtype, torch.float32)
-            with torch.autocast(f.device.type, enabled=False):  # softmax in >= fp32 (fp16 overflow otherwise)
-                bias = rpb_bias(rpb.to(acc), hh, ww) + proj_b[rows].to(acc)  # (G, HW, k*k), small
-                attn = add_into(logits.to(acc), bias).softmax(dim=-1)  # (B, G, HW, k*k)
-            return attn.reshape(b * g, hh, ww, -1).permute(0, 3, 1, 2)
+        def aggregate(rows: slice, rpb: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
+            # logits laid out (B, G, HW, k*k): the softmax runs over the contiguous last dim; the kernel itself is
+            # recomputed in the backward, not kept (``kernel_av``)
+            kw = torch.matmul(key, proj_w[rows].t())  # (B, G, d, k*k)
+            value = value.reshape(b * g, head_dim, hh, ww)
+            return kernel_av(query.mT, kw, rpb.to(acc), proj_b[rows].to(acc), value, k)
 
-        small, large = kernel(slice(0, sk * sk), self.rpb1), kernel(slice(sk * sk, None), self.rpb2)
         value = f.reshape(b, 2, g * head_dim, hh, ww)
-        out_small = na2d_av(small, value[:, 0].reshape(b * g, head_dim, hh, ww), sk)
-        out_large = na2d_av(large, value[:, 1].reshape(b * g, head_dim, hh, ww), ks)
+        out_small = aggregate(slice(0, sk * sk), self.rpb1, value[:, 0], sk)
+        out_large = aggregate(slice(sk * sk, None), self.rpb2, value[:, 1], ks)
         out = torch.cat([out_small.reshape(b, c // 2, hh, ww), out_large.reshape(b, c // 2, hh, ww)], dim=1)
         if resized:
             out = F.adaptive_avg_pool2d(out, (h, w))
@@ -295,7 +347,9 @@ class DynamicConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_ref: torch.Tensor):
         if not self.is_first:
-            ctx = self.x_scale(ctx) + self.h_scale(ctx_ref)
+            # ctx is a channel slice of the previous block's output: scaling a copy lets autograd keep that copy
+            # (Cc channels) for the scale's gradient instead of the whole previous output
+            ctx = self.x_scale(ctx.contiguous() if torch.is_grad_enabled() else ctx) + self.h_scale(ctx_ref)
         z = self.dwconv1(torch.cat([x, ctx], dim=1))
         identity = z
         zn = self.norm1(z)
@@ -303,10 +357,13 @@ class DynamicConvBlock(nn.Module):
         gate = self.gate(f)
         lepe = self.lepe(f)
         y = add_into(self.dyconv_proj(self.contmix(f, zn)), lepe)
-        y = self.proj(gate * self.se_layer(y))
+        if self.recompute() and plain_bn(self.proj[0]):
+            y = gated_bn_conv(y, self.se_layer.proj(y), gate, self.proj[0], self.proj[1])
+        else:
+            y = self.proj(gate * self.se_layer(y))
         z = add_into(self.ls1(identity), self.drop_path(y))
         z = self.dwconv2(z)
-        z = add_into(self.ls2(z), self.drop_path(self.mlp(self.norm2(z))))
+        z = add_into(self.ls2(z), self.drop_path(mlp(self.mlp, self.norm2(z), self.recompute())))
         if self.is_last:
             return z
         return z[:, :self.dim], z[:, self.dim:]

@@ -23,8 +23,8 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .layers import (ContextDownsample, DilatedReparamBlock, DynamicConvBlock, GRN, LayerScale, RepConvBlock,
-                     layer_norm)
+from .layers import (Chain, ContextDownsample, DilatedReparamBlock, DynamicConvBlock, GRN, LayerScale, Lean,
+                     RepConvBlock, layer_norm)
 
 _NO_DECAY = re.compile(r'(^|\.)(rpb1|rpb2|gamma|beta)$|(^|\.)(ls|ls1|ls2|x_scale|h_scale)\.weight$'
                        r'|^h_proj\.1\.weight$')
@@ -69,7 +69,7 @@ def dense_channels(arch: Union[str, Dict[str, Any]]) -> List[int]:
 
 def _stem(in_chans: int, dim: int) -> nn.Sequential:
     half = dim // 2
-    return nn.Sequential(
+    return Chain(
         nn.Conv2d(in_chans, half, 3, 2, 1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
         nn.Conv2d(half, half, 3, 1, 1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
         nn.Conv2d(half, dim, 3, 2, 1, bias=False), nn.BatchNorm2d(dim), nn.GELU(),
@@ -95,6 +95,7 @@ class OverLoCK(nn.Module):
         deploy: build the re-parameterised form directly (to load ``*_reparam`` checkpoints).
         use_context: False feeds the Focus-Net a zero context (ablation "without Overview-Net context").
         mixer: 'contmix' or 'static' (ablation: ContMix replaced by a static depth-wise K x K conv).
+        lean: memory-lean training form (see ``set_lean``); False trains through the plain modules.
         **arch_overrides: any key of the variant table (depths, sub_depths, dims, kernel_sizes, smk_size,
             sub_num_heads, mlp_ratio, sub_mlp_ratio, ls_init_values, projection).
     """
@@ -103,7 +104,7 @@ class OverLoCK(nn.Module):
                  global_pool: str = 'avg', drop_rate: float = 0., drop_path_rate: float = 0., aux_head: bool = False,
                  dense: Optional[str] = None, out_indices: Sequence[int] = (0, 1, 2, 3), deploy: bool = False,
                  use_context: bool = True, mixer: str = 'contmix', grad_checkpointing: bool = False,
-                 **arch_overrides):
+                 lean: bool = True, **arch_overrides):
         super().__init__()
         if dense not in (None, 'det', 'seg'):
             raise ValueError(f"dense must be None, 'det' or 'seg', got {dense!r}")
@@ -162,6 +163,7 @@ class OverLoCK(nn.Module):
         self.feature_info = [dict(num_chs=c, reduction=r, module=m) for c, r, m in zip(
             dense_channels(cfg), (4, 8, 16, 32), ('blocks1', 'blocks2', 'sub_blocks3', 'sub_blocks4'))]
         self.apply(self._init_weights)
+        self.set_lean(lean)
 
     @staticmethod
     def _classifier(in_dim: int, num_classes: int) -> nn.Module:
@@ -191,6 +193,15 @@ class OverLoCK(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_lean(self, enable: bool = True) -> None:
+        """Memory-lean training form (default on): BatchNorm branches, the MLP chains, the gated output projection and
+        BatchNorm + activation pairs keep one input map each and recompute the rest in the backward (about half
+        the activation memory of plain autograd, a few % more compute; results are identical). Off: plain modules."""
+        for m in self.modules():
+            if isinstance(m, Lean):
+                m.lean = enable
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

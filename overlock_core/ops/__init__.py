@@ -1,6 +1,8 @@
-from .dwconv import dilate_and_pad, dw_conv2d, dw_weight_grad
+from .dwconv import dense_dilated, dilate_and_pad, dw_conv2d, dw_weight_grad
 from .grn import grn
-from .neighborhood import na2d_av, na2d_av_reference, na2d_av_unfold, rpb_bias, window_starts
+from .neighborhood import kernel_av, na2d_av, na2d_av_reference, na2d_av_unfold, rpb_bias, window_starts
+from .recompute import bn_act, bn_branch_sum, conv_mlp, gated_bn_conv
 
-__all__ = ['dilate_and_pad', 'dw_conv2d', 'dw_weight_grad', 'grn', 'na2d_av', 'na2d_av_reference', 'na2d_av_unfold',
-           'rpb_bias', 'window_starts']
+__all__ = ['bn_act', 'bn_branch_sum', 'conv_mlp', 'dense_dilated', 'dilate_and_pad', 'dw_conv2d', 'dw_weight_grad',
+           'gated_bn_conv', 'grn', 'kernel_av', 'na2d_av', 'na2d_av_reference', 'na2d_av_unfold', 'rpb_bias',
+           'window_starts']

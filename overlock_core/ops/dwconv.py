@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['dilate_and_pad', 'dw_conv2d', 'dw_weight_grad']
+__all__ = ['autocast_args', 'dense_dilated', 'dilate_and_pad', 'dw_conv2d', 'dw_conv2d_backward', 'dw_weight_grad']
 
 LARGE_KERNEL = 9  # from this many taps on the weight gradient is computed by us
 SMALL_MAP = 16 * 16  # at most this many pixels and ...
@@ -70,6 +70,30 @@ def dw_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilati
     return corr[:, lags % size[0]][:, :, lags % size[1]].unsqueeze(1)
 
 
+def dw_conv2d_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, dilation: int,
+                       mask: Tuple[bool, bool]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(input gradient, kernel gradient) of ``_conv(x, weight, _, dilation)`` for output gradient ``grad``, the ones
+    ``mask`` asks for: the fast CPU methods above, PyTorch's own for 3x3 kernels and on other devices."""
+    d, k = dilation, weight.shape[-1]
+    if x.device.type != 'cpu' or (k <= 3 and d == 1):
+        pad = [d * (k - 1) // 2] * 2
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, [1, 1], pad, [d, d], False, [0, 0], weight.shape[0], [mask[0], mask[1], False])
+        return grad_x, grad_w
+    grad_x = grad_w = None
+    if mask[0]:
+        grad_x = _conv(_layout(grad, k, d), weight.flip(2, 3), None, d)
+    ours = k >= LARGE_KERNEL or (x.shape[-2] * x.shape[-1] <= SMALL_MAP and 5 <= k <= SMALL_MAP_MAX_K)
+    if mask[1] and ours:
+        grad_w = dw_weight_grad(x.contiguous(), grad.contiguous(), k, d).to(weight.dtype)
+    elif mask[1]:
+        cl = torch.channels_last
+        grad_w = torch.ops.aten.convolution_backward(
+            grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl), weight, None, [1, 1],
+            [d * (k - 1) // 2] * 2, [d, d], False, [0, 0], weight.shape[0], [False, True, False])[1]
+    return grad_x, grad_w
+
+
 class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int):
@@ -80,21 +104,26 @@ class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x, weight = ctx.saved_tensors
-        d, k = ctx.dilation, weight.shape[-1]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _conv(_layout(grad, k, d), weight.flip(2, 3), None, d)
-        ours = k >= LARGE_KERNEL or (x.shape[-2] * x.shape[-1] <= SMALL_MAP and 5 <= k <= SMALL_MAP_MAX_K)
-        if ctx.needs_input_grad[1] and ours:
-            grad_w = dw_weight_grad(x.contiguous(), grad.contiguous(), k, d).to(weight.dtype)
-        elif ctx.needs_input_grad[1]:
-            cl = torch.channels_last
-            grad_w = torch.ops.aten.convolution_backward(
-                grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl), weight, None, [1, 1],
-                [d * (k - 1) // 2] * 2, [d, d], False, [0, 0], weight.shape[0], [False, True, False])[1]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 2, 3)).to(weight.dtype)
+        grad_x, grad_w = dw_conv2d_backward(x, weight, grad, ctx.dilation, ctx.needs_input_grad[:2])
+        grad_b = grad.sum((0, 2, 3)).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
+
+
+def dense_dilated(weight: torch.Tensor, dilation: int) -> Tuple[torch.Tensor, int]:
+    """oneDNN's dilated depth-wise kernels run ~10x below its dense ones: with gradients recorded, a 9x9 kernel with
+    dilation 2 is 3x faster as the 17x17 kernel with zeros between its taps (differentiable; gradients reach the
+    taps). Returns (kernel, dilation) to run."""
+    if dilation > 1 and weight.shape[-1] >= LARGE_KERNEL:
+        return dilate_and_pad(weight, dilation, dilation * (weight.shape[-1] - 1) + 1), 1
+    return weight, dilation
+
+
+def autocast_args(device: str, *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """The tensors in the device's autocast dtype when autocast is on (custom functions then run with it off)."""
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None else None for t in tensors)
 
 
 def dw_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -104,13 +133,7 @@ def dw_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         return _conv(x, weight, bias, dilation)
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
         return _conv(_layout(x, weight.shape[-1], dilation), weight, bias, dilation)
-    if dilation > 1 and weight.shape[-1] >= LARGE_KERNEL:
-        # oneDNN's dilated depth-wise kernels run ~10x below its dense ones: a 9x9 kernel with dilation 2 is
-        # 3x faster as the 17x17 kernel with zeros between its taps (differentiable; gradients reach the taps)
-        weight, dilation = dilate_and_pad(weight, dilation, dilation * (weight.shape[-1] - 1) + 1), 1
-    if torch.is_autocast_enabled('cpu'):
-        dtype = torch.get_autocast_dtype('cpu')
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    weight, dilation = dense_dilated(weight, dilation)
+    x, weight, bias = autocast_args('cpu', x, weight, bias)
     with torch.autocast('cpu', enabled=False):
         return _DepthwiseConv.apply(x, weight, bias, dilation)

@@ -9,7 +9,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ['grn']
+__all__ = ['grn', 'grn_backward', 'grn_forward', 'grn_scale']
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
@@ -33,27 +33,44 @@ def _stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return gx, gx.mean(dim=1, keepdim=True) + eps
 
 
+def grn_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float):
+    """(y, gx, mean): the output and the per-(image, channel) norms the backward needs."""
+    gx, mean = _stats(x, eps)
+    nx = gx / mean
+    return torch.addcmul(beta.to(x.dtype), x, (gamma.to(nx.dtype) * nx + 1).to(x.dtype)), gx, mean
+
+
+def grn_scale(gamma: torch.Tensor, gx: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The per-(image, channel) factor A of y = x * A + beta."""
+    return gamma.to(gx.dtype) * (gx / mean) + 1
+
+
+def grn_backward(g: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, gx: torch.Tensor, mean: torch.Tensor,
+                 inplace: bool = False):
+    """(grad_x, grad_gamma, grad_beta) in closed form; ``inplace`` writes grad_x into g (a tensor the caller owns)."""
+    nx = gx / mean
+    s = (g * x).sum((2, 3), keepdim=True, dtype=gx.dtype)  # dL/d(scale), (N, C, 1, 1)
+    grad_gamma = (s * nx).sum(0, keepdim=True).to(gamma.dtype)
+    grad_beta = g.sum((0, 2, 3), keepdim=True, dtype=gx.dtype).to(gamma.dtype)
+    dnx = s * gamma.to(gx.dtype)
+    # nx_c = gx_c / (mean_k gx_k + eps)  =>  dgx_c = dnx_c / m - sum_k(dnx_k gx_k) / (m^2 C)
+    dgx = dnx / mean - (dnx * gx).sum(1, keepdim=True) / (mean * mean * gx.shape[1])
+    coef = torch.where(gx > 0, dgx / gx.clamp_min(torch.finfo(gx.dtype).tiny), torch.zeros_like(gx))
+    scale = grn_scale(gamma, gx, mean).to(g.dtype)
+    grad_x = (g.mul_(scale) if inplace else g * scale).addcmul_(x, coef.to(x.dtype))
+    return grad_x, grad_gamma, grad_beta
+
+
 class _GRN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
-        gx, mean = _stats(x, eps)
-        nx = gx / mean
+        y, gx, mean = grn_forward(x, gamma, beta, eps)
         ctx.save_for_backward(x, gamma, gx, mean)
-        return torch.addcmul(beta.to(x.dtype), x, (gamma.to(nx.dtype) * nx + 1).to(x.dtype))
+        return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, gamma, gx, mean = ctx.saved_tensors
-        nx = gx / mean
-        s = (g * x).sum((2, 3), keepdim=True, dtype=gx.dtype)  # dL/d(scale), (N, C, 1, 1)
-        grad_gamma = (s * nx).sum(0, keepdim=True).to(gamma.dtype)
-        grad_beta = g.sum((0, 2, 3), keepdim=True, dtype=gx.dtype).to(gamma.dtype)
-        dnx = s * gamma.to(gx.dtype)
-        # nx_c = gx_c / (mean_k gx_k + eps)  =>  dgx_c = dnx_c / m - sum_k(dnx_k gx_k) / (m^2 C)
-        dgx = dnx / mean - (dnx * gx).sum(1, keepdim=True) / (mean * mean * gx.shape[1])
-        coef = torch.where(gx > 0, dgx / gx.clamp_min(torch.finfo(gx.dtype).tiny), torch.zeros_like(gx))
-        grad_x = torch.addcmul(g * (gamma.to(gx.dtype) * nx + 1).to(g.dtype), x, coef.to(x.dtype))
-        return grad_x, grad_gamma, grad_beta, None
+        return *grn_backward(g, *ctx.saved_tensors), None
 
 
 def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Callable, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['na2d_av', 'na2d_av_reference', 'na2d_av_unfold', 'rpb_bias', 'window_starts']
+__all__ = ['kernel_av', 'na2d_av', 'na2d_av_reference', 'na2d_av_unfold', 'rpb_bias', 'window_starts']
 
 
 def window_starts(length: int, kernel_size: int, device=None) -> torch.Tensor:
@@ -63,9 +63,15 @@ def rpb_bias(rpb: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """
     heads, size, _ = rpb.shape
     k = (size + 1) // 2
-    rows, cols = _displacements(height, k, rpb.device), _displacements(width, k, rpb.device)  # (H, K), (W, K)
-    flat = (rows[:, None, :, None] * size + cols[None, :, None, :]).reshape(-1)  # (H, W, K, K)
+    flat = _rpb_index(height, width, k, rpb.device)
     return rpb.reshape(heads, size * size).index_select(1, flat).reshape(heads, height * width, k * k)
+
+
+@_cached
+def _rpb_index(height: int, width: int, k: int, device) -> torch.Tensor:
+    """(H*W*K*K,) flat table index of every (pixel, window slot) pair (see ``rpb_bias``)."""
+    rows, cols = _displacements(height, k, device), _displacements(width, k, device)  # (H, K), (W, K)
+    return (rows[:, None, :, None] * (2 * k - 1) + cols[None, :, None, :]).reshape(-1)  # (H, W, K, K)
 
 
 @_cached
@@ -75,7 +81,7 @@ def _displacements(length: int, k: int, device) -> torch.Tensor:
 
 
 TILE = 16  # output columns per band tile
-MAX_GROUPS = 16  # maps with at most this many distinct windows aggregate per window (``_na2d_av_grouped``)
+MAX_GROUPS = 16  # maps with at most this many distinct windows aggregate per window (``_grouped_forward``)
 
 
 class _Tiles:
@@ -127,61 +133,125 @@ class _Tiles:
 _tiles = _cached(_Tiles)
 
 
-class _NeighborhoodAV(torch.autograd.Function):
+def _tiled_forward(attn: torch.Tensor, value: torch.Tensor, ks: int):
     """One window row ``a`` at a time: the image rows the windows read are gathered once, and the column part of the
     windows becomes banded tile matrices (see ``_Tiles``), so the work runs as batched matmuls. Transient memory per
-    step: a few (N, H, W, c)-sized blocks and (N, H, W, TILE + K - 1) bands, never K*K copies of the values."""
+    step: a few (N, H, W, c)-sized blocks and (N, H, W, TILE + K - 1) bands, never K*K copies of the values.
+    Returns the output and what the backward needs: attn (not copied) and the values channels-last."""
+    n, c, h, w = value.shape
+    rows = _window_indices(h, ks, value.device)
+    tiles = _tiles(w, ks, value.device)
+    v_t = value.permute(0, 2, 3, 1).contiguous()  # (N, H, W, c)
+    a5 = attn.permute(0, 2, 3, 1)  # (N, H, W, K*K): a view of ContMix's layout
+    a5 = a5.reshape(n, h, w, ks, ks)
+    out = value.new_zeros(n * h, tiles.n, tiles.tile, c)
+    cols = tiles.columns(v_t)
+    band = value.new_empty(n * h, tiles.n, tiles.tile, tiles.span)
+    acc = out.view(-1, tiles.tile, c)  # accumulated in place: no product tensor per window row
+    for a in range(ks):
+        bands = tiles.band(a5[..., a, :].reshape(n * h, w, ks), band).view(-1, tiles.tile, tiles.span)
+        acc.baddbmm_(bands, tiles.blocks(cols, rows[a]).view(-1, tiles.span, c))
+    out = out.reshape(n * h, tiles.padded, c)[:, :w]
+    return out.reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous(), (attn, v_t)
+
+
+def _tiled_backward(saved: Tuple[torch.Tensor, ...], grad_out: torch.Tensor, ks: int, need: Tuple[bool, bool]):
+    attn, v_t = saved
+    a_px = attn.permute(0, 2, 3, 1)
+    n, h, w, c = v_t.shape
+    rows = _window_indices(h, ks, v_t.device)
+    tiles = _tiles(w, ks, v_t.device)
+    g_blk = tiles.pad(grad_out.permute(0, 2, 3, 1).reshape(n * h, w, c))  # (NH, n, TILE, c)
+    need_attn, need_value = need
+    a5 = a_px.reshape(n, h, w, ks, ks)
+    grad5 = v_t.new_empty(n, h, w, ks, ks) if need_attn else None  # written in place, in attn's layout
+    grad_v = torch.zeros_like(v_t) if need_value else None
+    idx = tiles.local.unsqueeze(0).expand(n * h, -1, -1, -1)
+    cols = tiles.columns(v_t) if need_attn else None
+    band = v_t.new_empty(n * h, tiles.n, tiles.tile, tiles.span)  # buffers reused for every window row
+    pair = v_t.new_empty(n * h, tiles.n, tiles.tile, tiles.span) if need_attn else None
+    g_src = v_t.new_empty(n * h, tiles.n, tiles.span, c) if need_value else None
+    g_rows = v_t.new_empty(n * h, w, c) if need_value else None
+    for a in range(ks):
+        if need_attn:
+            torch.matmul(g_blk, tiles.blocks(cols, rows[a]).transpose(2, 3), out=pair)  # (NH, n, TILE, S)
+            grad5[..., a, :] = pair.gather(3, idx).reshape(n * h, tiles.padded, ks)[:, :w].reshape(n, h, w, ks)
+        if need_value:
+            bands = tiles.band(a5[..., a, :].reshape(n * h, w, ks), band)
+            torch.matmul(bands.transpose(2, 3), g_blk, out=g_src)  # (NH, n, S, c)
+            g_rows.zero_().index_add_(1, tiles.src, g_src.view(n * h, -1, c))
+            grad_v.index_add_(1, rows[a], g_rows.view(n, h, w, c))
+    grad_attn = grad5.reshape(n, h, w, ks * ks).permute(0, 3, 1, 2) if need_attn else None
+    grad_value = grad_v.permute(0, 3, 1, 2).contiguous() if need_value else None
+    return grad_attn, grad_value
+
+
+def _softmax_kernel(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor, h: int,
+                    w: int) -> torch.Tensor:
+    """softmax(q @ kw + rpb gathered + pb) over the window slots, in rpb's dtype (>= fp32): (B, G, HW, K*K). The
+    gathered bias, as large as the kernel for one image, is transient."""
+    logits = torch.matmul(q, kw).to(rpb.dtype)
+    return logits.add_(rpb_bias(rpb, h, w).add_(pb)).softmax(dim=-1)
+
+
+def _as_attn(kernel: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, G, HW, K*K) -> the (B*G, K*K, H, W) view the aggregation reads."""
+    b, g, _, kk = kernel.shape
+    return kernel.to(dtype).reshape(b * g, h, w, kk).permute(0, 3, 1, 2)
+
+
+class _KernelAV(torch.autograd.Function):
+    """ContMix's dynamic kernel and its aggregation in one function: the kernel (B*G*H*W*K*K values, ten times the
+    aggregated values at K=13) is recomputed in the backward from q and kw, not kept."""
 
     @staticmethod
-    def forward(ctx, attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
-        n, c, h, w = value.shape
-        ks = kernel_size
-        rows = _window_indices(h, ks, value.device)
-        tiles = _tiles(w, ks, value.device)
-        v_t = value.permute(0, 2, 3, 1).contiguous()  # (N, H, W, c)
-        ctx.shape = (n, c, h, w, ks)
-        a_px = attn.permute(0, 2, 3, 1)  # (N, H, W, K*K): a view of ContMix's layout, saved without a copy
-        a5 = a_px.reshape(n, h, w, ks, ks)
-        out = value.new_zeros(n * h, tiles.n, tiles.tile, c)
-        cols = tiles.columns(v_t)
-        band = value.new_empty(n * h, tiles.n, tiles.tile, tiles.span)
-        acc = out.view(-1, tiles.tile, c)  # accumulated in place: no product tensor per window row
-        for a in range(ks):
-            bands = tiles.band(a5[..., a, :].reshape(n * h, w, ks), band).view(-1, tiles.tile, tiles.span)
-            acc.baddbmm_(bands, tiles.blocks(cols, rows[a]).view(-1, tiles.span, c))
-        ctx.save_for_backward(a_px, v_t)
-        out = out.reshape(n * h, tiles.padded, c)[:, :w]
-        return out.reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
+    def forward(ctx, q, kw, rpb, pb, value, ks):
+        h, w = value.shape[-2:]
+        out, saved = av_forward(_as_attn(_softmax_kernel(q, kw, rpb, pb, h, w), h, w, value.dtype), value, ks)
+        ctx.save_for_backward(q, kw, rpb, pb, saved[1])
+        ctx.ks = ks
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, None]:
-        a_px, v_t = ctx.saved_tensors
-        n, c, h, w, ks = ctx.shape
-        rows = _window_indices(h, ks, v_t.device)
-        tiles = _tiles(w, ks, v_t.device)
-        g_blk = tiles.pad(grad_out.permute(0, 2, 3, 1).reshape(n * h, w, c))  # (NH, n, TILE, c)
-        need_attn, need_value = ctx.needs_input_grad[:2]
-        a5 = a_px.reshape(n, h, w, ks, ks)
-        grad5 = v_t.new_empty(n, h, w, ks, ks) if need_attn else None  # written in place, in attn's layout
-        grad_v = torch.zeros_like(v_t) if need_value else None
-        idx = tiles.local.unsqueeze(0).expand(n * h, -1, -1, -1)
-        cols = tiles.columns(v_t) if need_attn else None
-        band = v_t.new_empty(n * h, tiles.n, tiles.tile, tiles.span)  # buffers reused for every window row
-        pair = v_t.new_empty(n * h, tiles.n, tiles.tile, tiles.span) if need_attn else None
-        g_src = v_t.new_empty(n * h, tiles.n, tiles.span, c) if need_value else None
-        g_rows = v_t.new_empty(n * h, w, c) if need_value else None
-        for a in range(ks):
-            if need_attn:
-                torch.matmul(g_blk, tiles.blocks(cols, rows[a]).transpose(2, 3), out=pair)  # (NH, n, TILE, S)
-                grad5[..., a, :] = pair.gather(3, idx).reshape(n * h, tiles.padded, ks)[:, :w].reshape(n, h, w, ks)
-            if need_value:
-                bands = tiles.band(a5[..., a, :].reshape(n * h, w, ks), band)
-                torch.matmul(bands.transpose(2, 3), g_blk, out=g_src)  # (NH, n, S, c)
-                g_rows.zero_().index_add_(1, tiles.src, g_src.view(n * h, -1, c))
-                grad_v.index_add_(1, rows[a], g_rows.view(n, h, w, c))
-        grad_attn = grad5.reshape(n, h, w, ks * ks).permute(0, 3, 1, 2) if need_attn else None
-        grad_value = grad_v.permute(0, 3, 1, 2).contiguous() if need_value else None
-        return grad_attn, grad_value, None
+    def backward(ctx, grad_out):
+        q, kw, rpb, pb, v = ctx.saved_tensors
+        h, w = grad_out.shape[-2:]
+        kernel = _softmax_kernel(q, kw, rpb, pb, h, w)  # recomputed
+        attn = _as_attn(kernel, h, w, v.dtype)
+        grad_attn, grad_value = av_backward((attn, v), grad_out, ctx.ks, (True, ctx.needs_input_grad[4]))
+        del attn
+        grad_kernel = grad_attn.permute(0, 2, 3, 1).reshape(kernel.shape).to(kernel.dtype)  # a view: attn's layout
+        grad_logits = torch._softmax_backward_data(grad_kernel, kernel, -1, kernel.dtype)
+        del kernel, grad_kernel
+        grad_rpb = grad_pb = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            grad_bias = grad_logits.sum(0)  # (G, HW, K*K)
+            grad_pb = grad_bias.sum((0, 1))
+            flat = _rpb_index(h, w, ctx.ks, rpb.device)
+            grad_rpb = torch.zeros_like(rpb).view(rpb.shape[0], -1).index_add_(
+                1, flat, grad_bias.view(rpb.shape[0], -1)).view_as(rpb)
+            del grad_bias
+        grad_logits = grad_logits.to(q.dtype)
+        grad_q = torch.matmul(grad_logits, kw.mT) if ctx.needs_input_grad[0] else None
+        grad_kw = torch.matmul(q.mT, grad_logits) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_kw, grad_rpb, grad_pb, grad_value, None
+
+
+def kernel_av(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor, value: torch.Tensor,
+              kernel_size: int) -> torch.Tensor:
+    """na2d_av(softmax(q @ kw + rpb_bias(rpb) + pb), value) without keeping the kernel or the gathered bias: q (B, G,
+    HW, d), kw (B, G, d, K*K), rpb (G, 2K-1, 2K-1), pb (K*K,) (both >= fp32: the softmax runs in their dtype),
+    value (B*G, c, H, W) -> (B*G, c, H, W)."""
+    b, g, hw, _ = q.shape
+    if value.shape[0] != b * g or value.shape[-2] * value.shape[-1] != hw or kw.shape[-1] != kernel_size ** 2:
+        raise ValueError(f'kernel_av: q {tuple(q.shape)}, kw {tuple(kw.shape)} and value {tuple(value.shape)} '
+                         f'do not fit K={kernel_size}')
+    dev = value.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        q, kw = q.to(dtype), kw.to(dtype)
+    with torch.autocast(dev, enabled=False):
+        return _KernelAV.apply(q, kw, rpb, pb, value, kernel_size)
 
 
 def _check(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
@@ -198,24 +268,74 @@ def _runs(length: int, kernel_size: int):
     return [(s, 0 if s == 0 else s + r, length if s == last else s + r + 1) for s in range(last + 1)]
 
 
-def _na2d_av_grouped(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def _groups(h: int, w: int, ks: int):
+    """(rows, cols, window rows, window cols) of each group of pixels sharing one clamped window."""
+    for sr, i0, i1 in _runs(h, ks):
+        for sc, j0, j1 in _runs(w, ks):
+            yield slice(i0, i1), slice(j0, j1), slice(sr, sr + ks), slice(sc, sc + ks)
+
+
+def _grouped_forward(attn: torch.Tensor, value: torch.Tensor, ks: int):
     """Maps barely wider than K (stage 3 and 4 at 224x224) have few distinct windows: (H-K+1) x (W-K+1), 1 to 16.
     Each group of pixels sharing a window is one matmul of that window's values (N, c, K*K) with the group's weights,
-    so nothing is scattered and no window is copied more than once (transient memory <= 16 N c K*K).
-    Plain autograd: ``split`` backs up as one concatenation, the overlapping windows' slices as sums."""
+    so nothing is scattered and no window is copied more than once. The backward needs attn (a view) and value only
+    and repeats the per-group slicing (transient memory: one group's weights)."""
     n, c, h, w = value.shape
-    ks = kernel_size
-    row_runs, col_runs = _runs(h, ks), _runs(w, ks)
     weights = attn.permute(0, 2, 3, 1)  # (N, H, W, K*K): a free view of ContMix's layout
-    out_rows = []
-    for (sr, i0, i1), row_w in zip(row_runs, weights.split([i1 - i0 for _, i0, i1 in row_runs], 1)):
-        out_cols = []
-        for (sc, j0, j1), blk in zip(col_runs, row_w.split([j1 - j0 for _, j0, j1 in col_runs], 2)):
-            window = value[:, :, sr:sr + ks, sc:sc + ks].reshape(n, c, ks * ks)
-            out = torch.matmul(window, blk.reshape(n, -1, ks * ks).mT)  # (N, c, pixels of the group)
-            out_cols.append(out.reshape(n, c, i1 - i0, j1 - j0))
-        out_rows.append(torch.cat(out_cols, 3))
-    return torch.cat(out_rows, 2)
+    out = value.new_empty(n, c, h, w)
+    for rows, cols, wr, wc in _groups(h, w, ks):
+        blk = weights[:, rows, cols]
+        group = torch.matmul(value[:, :, wr, wc].reshape(n, c, ks * ks), blk.reshape(n, -1, ks * ks).mT)
+        out[:, :, rows, cols] = group.view(n, c, *blk.shape[1:3])
+    return out, (attn, value)
+
+
+def _grouped_backward(saved: Tuple[torch.Tensor, ...], grad_out: torch.Tensor, ks: int, need: Tuple[bool, bool]):
+    attn, value = saved
+    n, c, h, w = value.shape
+    weights = attn.permute(0, 2, 3, 1)
+    grad_w = value.new_empty(n, h, w, ks * ks) if need[0] else None  # attn's layout
+    grad_v = torch.zeros_like(value) if need[1] else None
+    for rows, cols, wr, wc in _groups(h, w, ks):
+        g = grad_out[:, :, rows, cols].reshape(n, c, -1)  # (N, c, P)
+        if need[0]:
+            window = value[:, :, wr, wc].reshape(n, c, ks * ks)
+            grad_w[:, rows, cols] = torch.matmul(g.mT, window).view(n, *grad_w[:, rows, cols].shape[1:])
+        if need[1]:
+            blk = weights[:, rows, cols].reshape(n, -1, ks * ks)  # (N, P, K*K)
+            grad_v[:, :, wr, wc] += torch.matmul(g, blk).view(n, c, ks, ks)
+    return grad_w.permute(0, 3, 1, 2) if need[0] else None, grad_v
+
+
+def _grouped(h: int, w: int, ks: int) -> bool:
+    return (h - ks + 1) * (w - ks + 1) <= MAX_GROUPS
+
+
+def av_forward(attn: torch.Tensor, value: torch.Tensor, ks: int) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """(output, saved) of the aggregation: the grouped path on maps with few distinct windows, tiles otherwise."""
+    if _grouped(*value.shape[-2:], ks):
+        return _grouped_forward(attn, value, ks)
+    return _tiled_forward(attn, value.contiguous(), ks)
+
+
+def av_backward(saved: Tuple[torch.Tensor, ...], grad_out: torch.Tensor, ks: int, need: Tuple[bool, bool]):
+    """(grad_attn in attn's layout, grad_value) from ``av_forward``'s saved tensors."""
+    if _grouped(*grad_out.shape[-2:], ks):
+        return _grouped_backward(saved, grad_out, ks, need)
+    return _tiled_backward(saved, grad_out, ks, need)
+
+
+class _AV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, attn: torch.Tensor, value: torch.Tensor, ks: int) -> torch.Tensor:
+        out, saved = av_forward(attn, value, ks)
+        ctx.save_for_backward(*saved)
+        ctx.ks = ks
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, None]:
+        return *av_backward(ctx.saved_tensors, grad_out, ctx.ks, ctx.needs_input_grad[:2]), None
 
 
 def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -224,10 +344,7 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.
     if kernel_size % 2 == 0:
         raise ValueError(f'na2d_av needs an odd kernel size, got {kernel_size}')
     attn = attn.to(value.dtype)
-    n, c, h, w = value.shape
-    if (h - kernel_size + 1) * (w - kernel_size + 1) <= MAX_GROUPS:
-        return _na2d_av_grouped(attn, value, kernel_size)
-    return _NeighborhoodAV.apply(attn, value.contiguous(), kernel_size)
+    return _AV.apply(attn, value, kernel_size)
 
 
 def na2d_av_unfold(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:

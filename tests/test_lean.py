@@ -1,0 +1,207 @@
+"""The memory-lean training form: recomputing autograd functions are exact, update BatchNorm statistics once, keep
+far fewer bytes than plain autograd, and give the model the same outputs and gradients as the plain modules."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from overlock_core.models import OverLoCK
+from overlock_core.models.layers import DynamicConvBlock, RepConvBlock
+from overlock_core.ops import (bn_act, bn_branch_sum, conv_mlp, gated_bn_conv, kernel_av, na2d_av_reference,
+                               rpb_bias)
+
+D = torch.float64
+
+
+def _bn(c, momentum=0.1):
+    bn = nn.BatchNorm2d(c, momentum=momentum).to(D).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    return bn
+
+
+def _leaf(*shape):
+    return torch.randn(*shape, dtype=D, requires_grad=True)
+
+
+@pytest.mark.parametrize('path', ['grouped', 'tiled'])
+def test_kernel_av_matches_composite(path, monkeypatch):
+    """softmax(q.kw + relative-position bias) aggregated over clamped windows, the kernel recomputed in the backward:
+    output and every gradient (the bias table and projection bias included) equal autograd through the composite."""
+    from overlock_core.ops import neighborhood
+    monkeypatch.setattr(neighborhood, 'MAX_GROUPS', 10 ** 6 if path == 'grouped' else 0)
+    b, g, d, h, w, k = 2, 2, 3, 7, 8, 5
+    q, kw, rpb, pb = _leaf(b, g, h * w, d), _leaf(b, g, d, k * k), _leaf(g, 2 * k - 1, 2 * k - 1), _leaf(k * k)
+    value = _leaf(b * g, 4, h, w)
+
+    def composite(q, kw, rpb, pb, value):
+        attn = (q @ kw + rpb_bias(rpb, h, w) + pb).softmax(-1)
+        return na2d_av_reference(attn.reshape(b * g, h, w, k * k).permute(0, 3, 1, 2), value, k)
+
+    inputs = (q, kw, rpb, pb, value)
+    out = kernel_av(*inputs, k)
+    torch.testing.assert_close(out, composite(*inputs), rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(composite(*inputs), inputs, grad)
+    for gt, wt in zip(got, want):
+        torch.testing.assert_close(gt, wt, rtol=0, atol=1e-11)
+    small = (_leaf(1, 2, 16, 2), _leaf(1, 2, 2, 9), _leaf(2, 5, 5), _leaf(9), _leaf(2, 3, 4, 4))
+    assert torch.autograd.gradcheck(lambda *t: kernel_av(*t, 3), small)
+
+
+def test_kernel_av_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match='do not fit K=5'):
+        kernel_av(torch.randn(1, 2, 16, 3), torch.randn(1, 2, 3, 9), torch.randn(2, 9, 9), torch.randn(25),
+                  torch.randn(2, 4, 4, 4), 5)
+
+
+@pytest.mark.parametrize('act', ['gelu', 'silu'])
+def test_bn_act_gradcheck_and_running_stats(act):
+    bn, ref = _bn(4), _bn(4)
+    ref.load_state_dict(bn.state_dict())
+    x = _leaf(3, 4, 5, 6)
+    y = bn_act(x, bn, act)
+    want = getattr(nn.functional, act)(ref(x))
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-13)
+    for name, buf in ref.named_buffers():  # one update per call, as the module does
+        torch.testing.assert_close(getattr(bn, name), buf, rtol=0, atol=0, msg=name)
+    assert torch.autograd.gradcheck(lambda x, w, b: bn_act(x, bn, act), (x, bn.weight, bn.bias))
+
+
+def test_bn_branch_sum_gradcheck_and_cumulative_momentum():
+    """The DilatedReparamBlock training form: sum of BN(dw conv) branches, dilated ones included; momentum=None
+    (cumulative average) is honoured."""
+    specs = ((7, 1), (5, 1), (3, 2), (3, 3))
+    weights = [_leaf(3, 1, k, k) for k, _ in specs]
+    bns = [_bn(3, momentum=None) for _ in specs]
+    refs = copy.deepcopy(bns)
+    x = _leaf(2, 3, 9, 10)
+    out = bn_branch_sum(x, weights, [d for _, d in specs], bns)
+    want = sum(bn(nn.functional.conv2d(x, w, None, padding=d * (w.shape[-1] // 2), dilation=d, groups=3))
+               for bn, w, (_, d) in zip(refs, weights, specs))
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    for bn, ref in zip(bns, refs):
+        for name, buf in ref.named_buffers():
+            torch.testing.assert_close(getattr(bn, name), buf, rtol=0, atol=1e-15, msg=name)
+    params = [x, *weights, *[bn.weight for bn in bns], *[bn.bias for bn in bns]]
+    n = len(specs)
+    assert torch.autograd.gradcheck(
+        lambda x, *p: bn_branch_sum(x, p[:n], [d for _, d in specs], bns), params, atol=1e-8)
+
+
+@pytest.mark.parametrize('residual,scaled', [(False, False), (True, True)])
+def test_conv_mlp_gradcheck(residual, scaled):
+    """[x * scale,] 1x1 conv, GELU, [u +] DW3x3, GRN, 1x1 conv, keeping x and one hidden map: exact against the
+    composite."""
+    from overlock_core.ops import grn
+    c, hid = 3, 5
+    params = (_leaf(hid, c, 1, 1), _leaf(hid), _leaf(hid, 1, 3, 3), _leaf(hid), _leaf(1, hid, 1, 1),
+              _leaf(1, hid, 1, 1), _leaf(c, hid, 1, 1), _leaf(c))
+    x, scale = _leaf(2, c, 5, 6), (_leaf(2, c, 1, 1) if scaled else None)
+
+    def composite(x, w1, b1, wdw, bdw, gamma, beta, w2, b2):
+        u = nn.functional.gelu(nn.functional.conv2d(x if scale is None else x * scale, w1, b1))
+        h = nn.functional.conv2d(u, wdw, bdw, padding=1, groups=hid) + (u if residual else 0)
+        return nn.functional.conv2d(grn(h, gamma, beta), w2, b2)
+
+    out = conv_mlp(x, *params, residual=residual, scale=scale)
+    torch.testing.assert_close(out, composite(x, *params), rtol=0, atol=1e-12)
+    inputs = (x, *params) + ((scale,) if scaled else ())
+    assert torch.autograd.gradcheck(
+        lambda *t: conv_mlp(*t[:9], residual=residual, scale=t[9] if scaled else None), inputs)
+
+
+def test_gated_bn_conv_gradcheck():
+    bn, ref = _bn(4), _bn(4)
+    ref.load_state_dict(bn.state_dict())
+    conv = nn.Conv2d(4, 6, 1).to(D)
+    y, s, gate = _leaf(2, 4, 5, 5), _leaf(2, 4, 1, 1), _leaf(2, 4, 5, 5)
+    torch.testing.assert_close(gated_bn_conv(y, s, gate, bn, conv), conv(ref(y * s * gate)), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *t: gated_bn_conv(*t[:3], bn, conv),
+                                    (y, s, gate, bn.weight, bn.bias, conv.weight, conv.bias))
+
+
+def _run(module, inputs):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = module(*inputs)
+    out = out if isinstance(out, torch.Tensor) else torch.cat([o.flatten() for o in out])
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+    grads = {n: p.grad for n, p in module.named_parameters()}
+    return out, [t.grad for t in inputs], grads, dict(module.named_buffers())
+
+
+def _lean_pair(module):
+    lean, plain = module, copy.deepcopy(module)
+    for m in plain.modules():
+        if hasattr(m, 'lean'):
+            m.lean = False
+    return lean, plain
+
+
+@pytest.mark.parametrize('kind', ['rep', 'dynamic', 'model'])
+def test_lean_equals_plain_modules(kind):
+    """Same outputs, input and parameter gradients and BatchNorm statistics as the plain modules (float64)."""
+    torch.manual_seed(0)
+    if kind == 'rep':
+        module, inputs = RepConvBlock(16, 17, ls_init_value=1.0), [torch.randn(2, 16, 11, 13)]
+    elif kind == 'dynamic':
+        module = DynamicConvBlock(32, 12, 7, 5, 2)
+        inputs = [torch.randn(2, 32, 9, 9), torch.randn(2, 12, 9, 9), torch.randn(2, 12, 9, 9)]
+    else:
+        module, inputs = OverLoCK('test', num_classes=5), [torch.randn(2, 3, 64, 64)]
+    module = module.to(D).train()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    lean, plain = _lean_pair(module)
+    a, b = _run(lean, [t.to(D) for t in inputs]), _run(plain, [t.to(D) for t in inputs])
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-12)
+    for ga, gb in zip(a[1], b[1]):
+        torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-12)
+    scale = max(g.abs().max().item() for g in b[2].values() if g is not None)
+    for name, g in b[2].items():
+        torch.testing.assert_close(a[2][name], g, rtol=1e-8, atol=1e-11 * scale, msg=name)
+    for name, buf in b[3].items():
+        torch.testing.assert_close(a[3][name], buf, rtol=0, atol=1e-12, msg=name)
+
+
+def _saved_bytes(module, x):
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+def test_lean_halves_the_kept_activations():
+    """What autograd keeps between forward and backward (parameters excluded), batch 2 at 128x128: 50% of the plain
+    modules' when measured (the aggregation, which never keeps its kernel, is the same in both)."""
+    model = OverLoCK('t', num_classes=10).train()
+    x = torch.randn(2, 3, 128, 128)
+    lean, plain = _lean_pair(model)
+    assert _saved_bytes(lean, x) < 0.55 * _saved_bytes(plain, x)
+
+
+def test_lean_under_bf16_autocast_matches_plain():
+    """Under CPU bf16 autocast the recomputing functions run in bf16 (BatchNorm statistics and GRN norms in fp32)
+    and agree with the plain modules to bf16 precision; parameter gradients stay fp32."""
+    torch.manual_seed(0)
+    for module, inputs in ((RepConvBlock(16, 13, ls_init_value=1.0), [torch.randn(2, 16, 16, 16)]),
+                           (DynamicConvBlock(32, 12, 7, 5, 2),
+                            [torch.randn(2, 32, 9, 9), torch.randn(2, 12, 9, 9), torch.randn(2, 12, 9, 9)])):
+        lean, plain = _lean_pair(module.train())
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            a, b = _run(lean, inputs), _run(plain, inputs)
+        torch.testing.assert_close(a[0].float(), b[0].float(), rtol=0.05, atol=0.05)
+        for name, g in b[2].items():
+            assert a[2][name].dtype == torch.float32, name
+        ga = torch.cat([g.flatten() for g in a[2].values()])
+        gb = torch.cat([g.flatten() for g in b[2].values()])
+        assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.99
