@@ -7,10 +7,12 @@ with the models alternating; each figure is the median over those processes of e
 (VmHWM, reset through /proc/self/clear_refs) over all steps above the state after the model and input were built
 (measured before the first step: glibc keeps much of a step's memory afterwards, and a baseline taken then hides a
 varying part of the peak); CUDA peak memory is torch.cuda.max_memory_allocated above the same point.
-  infer: eval, no grad, deploy (re-parameterised) form for OverLoCK;  train: forward + backward, training form.
+  infer: eval, no grad, deploy (re-parameterised) form for OverLoCK;  train: forward + backward, training form
+  (OverLoCK's memory-lean form unless --no-lean).
 
   python tools/benchmark.py                                   # 224x224, batch 8, CPU, 2 threads
   python tools/benchmark.py --size 800 1280 --batch 1 --modes train --backbone
+  python tools/benchmark.py --modes train --no-lean           # OverLoCK through the plain modules (no recompute)
   python tools/benchmark.py --ops                             # aggregation operator vs the unfold formulation
   python tools/benchmark.py --device cuda --dtype bf16 --channels-last --json bench.json
 """
