@@ -184,9 +184,9 @@ class DilatedReparamBlock(Lean, nn.Module):
             weights, dilations = zip(*(dense_dilated(c.weight, c.dilation[0]) if cpu else (c.weight, c.dilation[0])
                                        for c in convs))
             return bn_branch_sum(x, weights, dilations, bns)
-        out = self.origin_bn(self.lk_origin(x))
-        for k, r in self.branches:
-            out = out + getattr(self, f'dil_bn_k{k}_{r}')(getattr(self, f'dil_conv_k{k}_{r}')(x))
+        out = bns[0](convs[0](x))
+        for conv, bn in zip(convs[1:], bns[1:]):
+            out = out + bn(conv(x))
         return out
 
     @torch.no_grad()

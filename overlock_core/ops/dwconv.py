@@ -75,8 +75,8 @@ def dw_conv2d_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
     """(input gradient, kernel gradient) of ``_conv(x, weight, _, dilation)`` for output gradient ``grad``, the ones
     ``mask`` asks for: the fast CPU methods above, PyTorch's own for 3x3 kernels and on other devices."""
     d, k = dilation, weight.shape[-1]
+    pad = [d * (k - 1) // 2] * 2
     if x.device.type != 'cpu' or (k <= 3 and d == 1):
-        pad = [d * (k - 1) // 2] * 2
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad, x, weight, None, [1, 1], pad, [d, d], False, [0, 0], weight.shape[0], [mask[0], mask[1], False])
         return grad_x, grad_w
@@ -89,8 +89,8 @@ def dw_conv2d_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
     elif mask[1]:
         cl = torch.channels_last
         grad_w = torch.ops.aten.convolution_backward(
-            grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl), weight, None, [1, 1],
-            [d * (k - 1) // 2] * 2, [d, d], False, [0, 0], weight.shape[0], [False, True, False])[1]
+            grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl), weight, None, [1, 1], pad, [d, d],
+            False, [0, 0], weight.shape[0], [False, True, False])[1]
     return grad_x, grad_w
 
 

@@ -16,13 +16,17 @@ batched matmuls and never holds a K*K-times copy of the values or of their gradi
 O(N*H*W*(c + 16 + K)), against the N*H*W*c*K*K of the unfold formulation). Maps with at most 16 distinct windows
 (stages 3 and 4 at 224x224, where the map is barely wider than K) take a grouped path instead: one matmul per
 distinct window. ``na2d_av_unfold`` is the plain formulation (unfold the windows, replicate-pad the borders,
-weighted sum) kept for benchmarks, ``na2d_av_reference`` a direct loop over pixels kept for tests.
+weighted sum) kept for benchmarks, ``na2d_av_reference`` a direct loop over pixels kept for tests. ``kernel_av``
+is ContMix's whole dynamic step (soft-maxed kernel with its relative-position bias, then the aggregation) as one
+function that recomputes the kernel in the backward instead of keeping it.
 """
 import functools
 from typing import Callable, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .dwconv import autocast_args
 
 __all__ = ['kernel_av', 'na2d_av', 'na2d_av_reference', 'na2d_av_unfold', 'rpb_bias', 'window_starts']
 
@@ -142,8 +146,7 @@ def _tiled_forward(attn: torch.Tensor, value: torch.Tensor, ks: int):
     rows = _window_indices(h, ks, value.device)
     tiles = _tiles(w, ks, value.device)
     v_t = value.permute(0, 2, 3, 1).contiguous()  # (N, H, W, c)
-    a5 = attn.permute(0, 2, 3, 1)  # (N, H, W, K*K): a view of ContMix's layout
-    a5 = a5.reshape(n, h, w, ks, ks)
+    a5 = attn.permute(0, 2, 3, 1).reshape(n, h, w, ks, ks)  # a view of ContMix's (N, H, W, K*K) layout
     out = value.new_zeros(n * h, tiles.n, tiles.tile, c)
     cols = tiles.columns(v_t)
     band = value.new_empty(n * h, tiles.n, tiles.tile, tiles.span)
@@ -157,13 +160,12 @@ def _tiled_forward(attn: torch.Tensor, value: torch.Tensor, ks: int):
 
 def _tiled_backward(saved: Tuple[torch.Tensor, ...], grad_out: torch.Tensor, ks: int, need: Tuple[bool, bool]):
     attn, v_t = saved
-    a_px = attn.permute(0, 2, 3, 1)
     n, h, w, c = v_t.shape
     rows = _window_indices(h, ks, v_t.device)
     tiles = _tiles(w, ks, v_t.device)
     g_blk = tiles.pad(grad_out.permute(0, 2, 3, 1).reshape(n * h, w, c))  # (NH, n, TILE, c)
     need_attn, need_value = need
-    a5 = a_px.reshape(n, h, w, ks, ks)
+    a5 = attn.permute(0, 2, 3, 1).reshape(n, h, w, ks, ks)
     grad5 = v_t.new_empty(n, h, w, ks, ks) if need_attn else None  # written in place, in attn's layout
     grad_v = torch.zeros_like(v_t) if need_value else None
     idx = tiles.local.unsqueeze(0).expand(n * h, -1, -1, -1)
@@ -247,9 +249,7 @@ def kernel_av(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Te
         raise ValueError(f'kernel_av: q {tuple(q.shape)}, kw {tuple(kw.shape)} and value {tuple(value.shape)} '
                          f'do not fit K={kernel_size}')
     dev = value.device.type
-    if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-        q, kw = q.to(dtype), kw.to(dtype)
+    q, kw = autocast_args(dev, q, kw)
     with torch.autocast(dev, enabled=False):
         return _KernelAV.apply(q, kw, rpb, pb, value, kernel_size)
 

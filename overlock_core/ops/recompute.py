@@ -90,6 +90,13 @@ def bn_branch_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], dilations: S
                                 *[bn.bias for bn in bns])
 
 
+def _bn_output(x, gamma, beta, mean, invstd):
+    """A training-mode BatchNorm's output recomputed from its input and the saved batch statistics."""
+    scale = gamma * invstd
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul((beta - mean * scale).view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
+
+
 _ACTS = {'gelu': (F.gelu, lambda g, y: torch.ops.aten.gelu_backward(g, y)),
          'silu': (F.silu, lambda g, y: torch.ops.aten.silu_backward(g, y))}
 
@@ -106,10 +113,8 @@ class _BNAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, gamma, beta, mean, invstd = ctx.saved_tensors
-        scale = gamma * invstd
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = torch.addcmul((beta - mean * scale).view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
-        gy = _ACTS[ctx.act][1](g, y)  # the BatchNorm output, recomputed
+        y = _bn_output(x, gamma, beta, mean, invstd)
+        gy = _ACTS[ctx.act][1](g, y)
         del y
         need = ctx.needs_input_grad
         gx, gg, gb = torch.ops.aten.native_batch_norm_backward(gy, x, gamma, None, None, mean, invstd, True, ctx.eps,
@@ -143,8 +148,7 @@ class _GatedBNConv(torch.autograd.Function):
         y, s, gate, gamma, beta, mean, invstd, w = ctx.saved_tensors
         need = ctx.needs_input_grad
         m = _GatedBNConv._bn_input(y, s, gate)  # recomputed, and the BatchNorm output from it
-        scale = (gamma * invstd).view(1, -1, 1, 1)
-        t = torch.addcmul((beta.view(1, -1, 1, 1) - mean.view(1, -1, 1, 1) * scale).to(m.dtype), m, scale.to(m.dtype))
+        t = _bn_output(m, gamma, beta, mean, invstd)
         _, gw, gb = _conv1x1_backward(g, t, w, (False, need[9], need[10]))
         del t
         gm, gg, gbeta = torch.ops.aten.native_batch_norm_backward(
@@ -170,8 +174,6 @@ def gated_bn_conv(y: torch.Tensor, s: torch.Tensor, gate: torch.Tensor, bn: torc
 def _conv1x1_backward(g, x, w, mask) -> Tuple[Optional[torch.Tensor], ...]:
     return torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                                                list(mask))
-
-
 
 
 def _format(x: torch.Tensor) -> torch.memory_format:
