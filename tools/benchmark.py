@@ -15,6 +15,7 @@ varying part of the peak); CUDA peak memory is torch.cuda.max_memory_allocated a
   python tools/benchmark.py --modes train --no-lean           # OverLoCK through the plain modules (no recompute)
   python tools/benchmark.py --ops                             # aggregation operator vs the unfold formulation
   python tools/benchmark.py --device cuda --dtype bf16 --channels-last --json bench.json
+  python tools/benchmark.py --models overlock_t --modes train --repeats 1 --profile 20   # where a step's time goes
 """
 import argparse
 import json
@@ -120,8 +121,24 @@ def run_model(a: Dict) -> Dict:
     base = _reset_peak(dev)  # before the first step: what glibc keeps after it would hide part of the peak
     step()
     sec = _time(step, dev, a['warmup'], a['iters'])
-    return dict(seconds=sec, images_per_s=a['batch'] / sec, peak_mib=_peak(dev) - base,
-                params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    res = dict(seconds=sec, images_per_s=a['batch'] / sec, peak_mib=_peak(dev) - base,
+               params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    if a.get('profile'):
+        res['profile'] = _profile(step, dev, a['profile'])
+    return res
+
+
+def _profile(step, device: str, top: int) -> List:
+    """[op, ms, calls] of the ``top`` operators by self time (device time on CUDA) over one step."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device == 'cuda':
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        _sync(device)
+    key = 'self_device_time_total' if device == 'cuda' else 'self_cpu_time_total'
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [[e.key, getattr(e, key) / 1e3, e.count] for e in events]
 
 
 OP_SHAPES = {  # name: (heads*batch factor G, channels per head c, H, W, K) for OverLoCK-T
@@ -179,6 +196,9 @@ def main(argv=None):
                     help='recompute each block in the backward (timm set_grad_checkpointing): memory for time')
     ap.add_argument('--no-lean', action='store_true',
                     help="OverLoCK's training form through plain modules (no recomputation; more memory)")
+    ap.add_argument('--profile', type=int, default=0, metavar='N',
+                    help='also profile one step of each model and print its N costliest operators (self time)')
+    ap.add_argument('--cudnn-benchmark', action='store_true', help='let cuDNN pick its algorithms by timing them')
     ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--iters', type=int, default=3)
     ap.add_argument('--repeats', type=int, default=3,
@@ -192,9 +212,11 @@ def main(argv=None):
     if args.worker:
         spec = json.loads(args.worker)
         torch.set_num_threads(spec['threads'])
+        torch.backends.cudnn.benchmark = spec.get('cudnn_benchmark', False)
         print(json.dumps(run_op(spec) if spec.get('kind') == 'op' else run_model(spec)))
         return
-    common = dict(device=args.device, threads=args.threads, batch=args.batch, warmup=args.warmup, iters=args.iters)
+    common = dict(device=args.device, threads=args.threads, batch=args.batch, warmup=args.warmup, iters=args.iters,
+                  cudnn_benchmark=args.cudnn_benchmark)
     rows: List[Dict] = []
     if args.ops:
         print(f'aggregation fwd+bwd, batch {args.batch}, {args.device}, {args.threads} threads')
@@ -224,7 +246,8 @@ def main(argv=None):
                 for mode in args.modes:
                     r = _worker(dict(common, kind='model', model=model, mode=mode, size=[h, w], dtype=args.dtype,
                                      channels_last=args.channels_last, backbone=args.backbone,
-                                     grad_checkpointing=args.grad_checkpointing, no_lean=args.no_lean))
+                                     grad_checkpointing=args.grad_checkpointing, no_lean=args.no_lean,
+                                     profile=args.profile))
                     results.setdefault((model, mode), []).append(r)
         for (model, mode), runs in results.items():
             ok = [r for r in runs if 'error' not in r]
@@ -235,12 +258,15 @@ def main(argv=None):
             times = [r['seconds'] for r in ok]
             r = dict(model=model, mode=mode, size=[h, w], seconds=statistics.median(times),
                      peak_mib=statistics.median(r['peak_mib'] for r in ok), params_m=ok[0]['params_m'],
-                     runs=[r['seconds'] for r in ok])
+                     runs=[r['seconds'] for r in ok], profile=ok[0].get('profile'))
             r['images_per_s'] = args.batch / r['seconds']
             rows.append(r)
             spread = (max(times) - min(times)) / r['seconds'] * 100
             print(f"{model:18}{mode:7}{r['seconds'] * 1e3:10.1f}{r['images_per_s']:9.2f}"
                   f"{r['peak_mib']:10.0f}{r['params_m']:10.2f}{spread:9.0f}%")
+        for r in rows:
+            for name, ms, calls in r.get('profile') or []:
+                print(f"  {r['model']} {r['mode']}: {ms:9.2f} ms {calls:6d}x  {name}")
         sys.stdout.flush()
         by = {(r['model'], r['mode']): r for r in rows if 'error' not in r}
         for ours, peer in (('overlock_t', 'convnext_tiny'), ('overlock_s', 'convnext_small')):

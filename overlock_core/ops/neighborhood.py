@@ -15,10 +15,11 @@ windows read once, and turn the column part of the windows into small banded til
 batched matmuls and never holds a K*K-times copy of the values or of their gradient (transient memory
 O(N*H*W*(c + 16 + K)), against the N*H*W*c*K*K of the unfold formulation). Maps with at most 16 distinct windows
 (stages 3 and 4 at 224x224, where the map is barely wider than K) take a grouped path instead: one matmul per
-distinct window. ``na2d_av_unfold`` is the plain formulation (unfold the windows, replicate-pad the borders,
-weighted sum) kept for benchmarks, ``na2d_av_reference`` a direct loop over pixels kept for tests. ``kernel_av``
-is ContMix's whole dynamic step (soft-maxed kernel with its relative-position bias, then the aggregation) as one
-function that recomputes the kernel in the backward instead of keeping it.
+distinct window. On GPUs both passes are fused Triton kernels instead (``triton_av``). ``na2d_av_unfold`` is
+the plain formulation (unfold the windows, replicate-pad the borders, weighted sum) kept for benchmarks,
+``na2d_av_reference`` a direct loop over pixels kept for tests. ``kernel_av`` is ContMix's whole dynamic step
+(soft-maxed kernel with its relative-position bias, then the aggregation) as one function that recomputes the
+kernel in the backward instead of keeping it.
 """
 import functools
 from typing import Callable, Tuple
@@ -26,6 +27,7 @@ from typing import Callable, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import triton_av
 from .dwconv import autocast_args
 
 __all__ = ['kernel_av', 'na2d_av', 'na2d_av_reference', 'na2d_av_unfold', 'rpb_bias', 'window_starts']
@@ -312,7 +314,10 @@ def _grouped(h: int, w: int, ks: int) -> bool:
 
 
 def av_forward(attn: torch.Tensor, value: torch.Tensor, ks: int) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-    """(output, saved) of the aggregation: the grouped path on maps with few distinct windows, tiles otherwise."""
+    """(output, saved) of the aggregation: fused Triton kernels on GPUs, else the grouped path on maps with few
+    distinct windows and tiles otherwise."""
+    if triton_av.available(value):
+        return triton_av.av_forward(attn, value, ks)
     if _grouped(*value.shape[-2:], ks):
         return _grouped_forward(attn, value, ks)
     return _tiled_forward(attn, value.contiguous(), ks)
@@ -320,6 +325,8 @@ def av_forward(attn: torch.Tensor, value: torch.Tensor, ks: int) -> Tuple[torch.
 
 def av_backward(saved: Tuple[torch.Tensor, ...], grad_out: torch.Tensor, ks: int, need: Tuple[bool, bool]):
     """(grad_attn in attn's layout, grad_value) from ``av_forward``'s saved tensors."""
+    if triton_av.available(saved[1]):
+        return triton_av.av_backward(saved, grad_out, ks, need)
     if _grouped(*grad_out.shape[-2:], ks):
         return _grouped_backward(saved, grad_out, ks, need)
     return _tiled_backward(saved, grad_out, ks, need)
