@@ -142,6 +142,25 @@ def test_grn_closed_form_backward():
     torch.testing.assert_close(grn(x.contiguous(memory_format=torch.channels_last), gamma, beta), ref)
 
 
+def test_grn_channels_last_chunks(monkeypatch):
+    """The chunked per-channel sums of channels-last maps (norms and the backward's sum of g * x; several chunks
+    here) equal the full-size reductions, and the in-place forward equals the out-of-place one."""
+    import importlib
+    grn_mod = importlib.import_module('overlock_core.ops.grn')  # the module (the package exports the function)
+    monkeypatch.setattr(grn_mod, 'CHUNK', 40)
+    x, g = torch.randn(2, 6, 7, 5, dtype=torch.float64), torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    gamma, beta = torch.randn(1, 6, 1, 1, dtype=torch.float64), torch.randn(1, 6, 1, 1, dtype=torch.float64)
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, g)]
+    y, gx, mean = grn_mod.grn_forward(x, gamma, beta, 1e-6)
+    y_cl, gx_cl, mean_cl = grn_mod.grn_forward(cl[0].clone(), gamma, beta, 1e-6, inplace=True)
+    torch.testing.assert_close(y_cl, y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx_cl, gx, rtol=1e-12, atol=1e-12)
+    want = grn_mod.grn_backward(g.clone(), x, gamma, gx, mean)
+    got = grn_mod.grn_backward(cl[1].clone(), cl[0], gamma, gx, mean, inplace=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_residual_stream_keeps_fp32_under_bf16_autocast():
     """The in-place residual adds never narrow the stream: a bf16 branch added to an fp32 shortcut stays fp32."""
     from overlock_core.models.layers import RepConvBlock

@@ -19,25 +19,41 @@ def _acc(x: torch.Tensor) -> torch.dtype:
 CHUNK = 1 << 18  # elements squared at once on channels-last maps (1 MiB in fp32: stays in cache)
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _dot_hw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over H, W of a * b per (image, channel), (N, C, 1, 1) in fp32 or wider. On channels-last maps the
+    (N, HW, C) rows go in cache-sized chunks: a full-size product costs an allocation (page faults on a fresh
+    mapping) and a pass through memory."""
+    n, c, h, w = a.shape
+    if not (_channels_last(a) and _channels_last(b)):
+        return (a * b).sum((2, 3), keepdim=True, dtype=_acc(a))
+    acc = torch.zeros(n, c, dtype=_acc(a), device=a.device)
+    step = max(1, CHUNK // (n * c))
+    rows_a, rows_b = (t.permute(0, 2, 3, 1).reshape(n, h * w, c) for t in (a, b))
+    for pa, pb in zip(rows_a.split(step, dim=1), rows_b.split(step, dim=1)):
+        acc += (pa * pb).sum(1, dtype=acc.dtype)
+    return acc.view(n, c, 1, 1)
+
+
 def _stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    n, c, h, w = x.shape
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+    if _channels_last(x):  # the norm kernel reduces channels-last maps strided, ~10x slower than a sum of squares
+        gx = _dot_hw(x, x).sqrt()
+    else:
         gx = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), keepdim=True, dtype=_acc(x))
-    else:  # channels-last: the norm kernel reduces strided and is ~10x slower than a sum of squares, and a
-        # full-size square costs an allocation and a pass through memory, so the (N, HW, C) rows go in chunks
-        rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
-        sq = torch.zeros(n, c, dtype=_acc(x), device=x.device)
-        for part in rows.split(max(1, CHUNK // (n * c)), dim=1):
-            sq += (part * part).sum(1, dtype=sq.dtype)
-        gx = sq.sqrt().view(n, c, 1, 1)
     return gx, gx.mean(dim=1, keepdim=True) + eps
 
 
-def grn_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float):
-    """(y, gx, mean): the output and the per-(image, channel) norms the backward needs."""
+def grn_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float, inplace: bool = False):
+    """(y, gx, mean): the output and the per-(image, channel) norms the backward needs; ``inplace`` writes y into x
+    (a tensor the caller owns and no longer needs)."""
     gx, mean = _stats(x, eps)
-    nx = gx / mean
-    return torch.addcmul(beta.to(x.dtype), x, (gamma.to(nx.dtype) * nx + 1).to(x.dtype)), gx, mean
+    scale = grn_scale(gamma, gx, mean).to(x.dtype)
+    if inplace:
+        return x.mul_(scale).add_(beta.to(x.dtype)), gx, mean
+    return torch.addcmul(beta.to(x.dtype), x, scale), gx, mean
 
 
 def grn_scale(gamma: torch.Tensor, gx: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -49,7 +65,7 @@ def grn_backward(g: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, gx: torc
                  inplace: bool = False):
     """(grad_x, grad_gamma, grad_beta) in closed form; ``inplace`` writes grad_x into g (a tensor the caller owns)."""
     nx = gx / mean
-    s = (g * x).sum((2, 3), keepdim=True, dtype=gx.dtype)  # dL/d(scale), (N, C, 1, 1)
+    s = _dot_hw(g, x).to(gx.dtype)  # dL/d(scale), (N, C, 1, 1)
     grad_gamma = (s * nx).sum(0, keepdim=True).to(gamma.dtype)
     grad_beta = g.sum((0, 2, 3), keepdim=True, dtype=gx.dtype).to(gamma.dtype)
     dnx = s * gamma.to(gx.dtype)

@@ -199,8 +199,7 @@ class _ConvMLP(torch.autograd.Function):
         h1 = F.conv2d(x if scale is None else x * scale, w1, b1)
         u, h3 = _ConvMLP._hidden(h1, wdw, bdw, residual)
         del u
-        h4, gx, mean = grn_forward(h3, gamma, beta, eps)
-        del h3
+        h4, gx, mean = grn_forward(h3, gamma, beta, eps, inplace=True)  # h3 is not needed again
         ctx.save_for_backward(x, scale, w1, h1, wdw, bdw, gamma, beta, gx, mean, w2)
         ctx.residual, ctx.fmt = residual, fmt
         return F.conv2d(h4, w2, b2).contiguous(memory_format=ctx.fmt_in)
@@ -224,7 +223,7 @@ class _ConvMLP(torch.autograd.Function):
         if ctx.residual:
             gu = gu.add_(g3)
         del g3
-        g1 = torch.ops.aten.gelu_backward(gu, h1)
+        g1 = torch.ops.aten.gelu_backward.grad_input(gu, h1, grad_input=gu)  # in place: no fresh hidden map
         del gu
         xs = x if scale is None else x * scale  # recomputed
         gx_, gw1, gb1 = _conv1x1_backward(g1, xs, w1, (need[0] or need[1], need[2], need[3]))
