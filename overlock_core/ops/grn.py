@@ -16,7 +16,7 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-CHUNK = 1 << 18  # elements squared at once on channels-last maps (1 MiB in fp32: stays in cache)
+CHUNK = 1 << 18  # elements per chunk of the per-channel sums on channels-last maps (1 MiB in fp32: in cache)
 
 
 def _channels_last(x: torch.Tensor) -> bool:
