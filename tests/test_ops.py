@@ -5,21 +5,30 @@ import torch
 from overlock_core.models.layers import DynamicConvBlock
 from overlock_core.ops import na2d_av, na2d_av_reference, na2d_av_unfold, rpb_bias, window_starts
 
-SHAPES = [(14, 20, 13), (13, 13, 13), (9, 30, 5), (7, 7, 7), (13, 17, 13), (6, 11, 3), (9, 37, 5), (15, 40, 13)]
+SHAPES = [(14, 20, 13), (14, 15, 13), (13, 13, 13), (9, 30, 5), (7, 7, 7), (13, 17, 13), (6, 11, 3), (9, 37, 5), (15, 40, 13)]
 
 
+def _attn(n, h, w, k, layout, **kw):
+    """Soft-maxed window weights (N, K*K, H, W): contiguous, or ContMix's layout (a view of (N, H, W, K*K))."""
+    a = torch.randn(n, h, w, k * k, dtype=torch.float64).softmax(-1).permute(0, 3, 1, 2)
+    return (a if layout == 'contmix' else a.contiguous()).requires_grad_(kw.get('requires_grad', False))
+
+
+@pytest.mark.parametrize('layout', ['nchw', 'contmix'])
 @pytest.mark.parametrize('h,w,k', SHAPES)
-def test_na2d_matches_reference_and_unfold(h, w, k):
-    attn = torch.randn(3, k * k, h, w, dtype=torch.float64).softmax(1)
+def test_na2d_matches_reference_and_unfold(h, w, k, layout):
+    """Every path (tiles, per-window groups, row slabs) on both attn layouts."""
+    attn = _attn(3, h, w, k, layout)
     value = torch.randn(3, 5, h, w, dtype=torch.float64)
     ref = na2d_av_reference(attn, value, k)
     torch.testing.assert_close(na2d_av(attn, value, k), ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(na2d_av_unfold(attn, value, k), ref, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize('h,w,k', [(5, 4, 3), (3, 7, 3), (5, 5, 5), (3, 19, 3)])
-def test_na2d_gradcheck(h, w, k):
-    attn = torch.randn(2, k * k, h, w, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize('layout', ['nchw', 'contmix'])
+@pytest.mark.parametrize('h,w,k', [(5, 4, 3), (3, 7, 3), (5, 5, 5), (3, 19, 3), (8, 9, 7)])
+def test_na2d_gradcheck(h, w, k, layout):
+    attn = _attn(2, h, w, k, layout, requires_grad=True)
     value = torch.randn(2, 3, h, w, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, v: na2d_av(a, v, k), (attn, value))
 

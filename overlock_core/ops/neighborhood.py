@@ -277,18 +277,34 @@ def _groups(h: int, w: int, ks: int):
             yield slice(i0, i1), slice(j0, j1), slice(sr, sr + ks), slice(sc, sc + ks)
 
 
+SLAB_RUNS = 4  # at most this many column runs: aggregate whole row slabs (see ``_grouped_forward``)
+
+
+def _slabs(weights: torch.Tensor, w: int, ks: int) -> bool:
+    """Whether rows of pixels can be taken as whole slabs: weights (N, H, W, K*K) contiguous, so a slab of rows is a
+    free (N, R*W, K*K) view, and few column runs, so multiplying a window with the whole slab costs little."""
+    return weights.is_contiguous() and w - ks + 1 <= SLAB_RUNS
+
+
 def _grouped_forward(attn: torch.Tensor, value: torch.Tensor, ks: int):
     """Maps barely wider than K (stage 3 and 4 at 224x224) have few distinct windows: (H-K+1) x (W-K+1), 1 to 16.
     Each group of pixels sharing a window is one matmul of that window's values (N, c, K*K) with the group's weights,
-    so nothing is scattered and no window is copied more than once. The backward needs attn (a view) and value only
-    and repeats the per-group slicing (transient memory: one group's weights)."""
+    so nothing is scattered and no window is copied more than once. A group's weights are a strided block of the
+    (N, H, W, K*K) kernel, which a matmul would copy; with few column runs each window multiplies the whole slab
+    of rows instead (a free view; the columns of the other runs are computed and dropped). The backward needs attn
+    (a view) and value only and repeats the per-group slicing (transient memory: one group's weights)."""
     n, c, h, w = value.shape
     weights = attn.permute(0, 2, 3, 1)  # (N, H, W, K*K): a free view of ContMix's layout
     out = value.new_empty(n, c, h, w)
+    slabs = _slabs(weights, w, ks)
     for rows, cols, wr, wc in _groups(h, w, ks):
-        blk = weights[:, rows, cols]
-        group = torch.matmul(value[:, :, wr, wc].reshape(n, c, ks * ks), blk.reshape(n, -1, ks * ks).mT)
-        out[:, :, rows, cols] = group.view(n, c, *blk.shape[1:3])
+        window = value[:, :, wr, wc].reshape(n, c, ks * ks)
+        if slabs:
+            slab = weights[:, rows].reshape(n, -1, ks * ks)
+            out[:, :, rows, cols] = torch.matmul(window, slab.mT).view(n, c, -1, w)[..., cols]
+        else:
+            blk = weights[:, rows, cols]
+            out[:, :, rows, cols] = torch.matmul(window, blk.reshape(n, -1, ks * ks).mT).view(n, c, *blk.shape[1:3])
     return out, (attn, value)
 
 
@@ -298,12 +314,18 @@ def _grouped_backward(saved: Tuple[torch.Tensor, ...], grad_out: torch.Tensor, k
     weights = attn.permute(0, 2, 3, 1)
     grad_w = value.new_empty(n, h, w, ks * ks) if need[0] else None  # attn's layout
     grad_v = torch.zeros_like(value) if need[1] else None
+    slabs = _slabs(weights, w, ks)
     for rows, cols, wr, wc in _groups(h, w, ks):
         g = grad_out[:, :, rows, cols].reshape(n, c, -1)  # (N, c, P)
         if need[0]:
             window = value[:, :, wr, wc].reshape(n, c, ks * ks)
             grad_w[:, rows, cols] = torch.matmul(g.mT, window).view(n, *grad_w[:, rows, cols].shape[1:])
-        if need[1]:
+        if need[1] and slabs:  # the group's gradient, zero on the slab's other columns, times the whole slab
+            g_slab = grad_out.new_zeros(n, c, rows.stop - rows.start, w)
+            g_slab[..., cols] = g.view(n, c, rows.stop - rows.start, -1)
+            slab = weights[:, rows].reshape(n, -1, ks * ks)
+            grad_v[:, :, wr, wc] += torch.matmul(g_slab.view(n, c, -1), slab).view(n, c, ks, ks)
+        elif need[1]:
             blk = weights[:, rows, cols].reshape(n, -1, ks * ks)  # (N, P, K*K)
             grad_v[:, :, wr, wc] += torch.matmul(g, blk).view(n, c, ks, ks)
     return grad_w.permute(0, 3, 1, 2) if need[0] else None, grad_v

@@ -9,8 +9,8 @@ memory about 3x ConvNeXt-T's. Here the backward recomputes them from what is kep
 * ``bn_act``: act(BN(x)) keeps x, not also the BatchNorm output.
 * ``gated_bn_conv``: conv1x1(BN(y * s * gate)) (the Focus-Net block's output projection) keeps y, s and gate.
 * ``conv_mlp``: keeps the chain's input (before the block's squeeze-excitation scale) and one hidden map, the GELU
-  input (ConvNeXt's MLP keeps two); the GELU output, the 3x3 depth-wise conv and the GRN output (from its saved
-  norms) are recomputed.
+  input (ConvNeXt's MLP keeps two); the GELU output and the 3x3 depth-wise conv are recomputed, and the GRN output
+  is never formed again (the last 1x1 conv's weight gradient comes from the GRN input and its per-image scale).
 
 All are exact (float64 gradcheck in the tests) and update the BatchNorm running statistics once, as the modules
 do. They run with autocast off, in the autocast dtype when it is on (BatchNorm statistics and GRN norms in fp32).
@@ -176,6 +176,21 @@ def _conv1x1_backward(g, x, w, mask) -> Tuple[Optional[torch.Tensor], ...]:
                                                list(mask))
 
 
+def _grn_conv1x1_params_grad(g, h, scale, beta) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight grad, bias grad) of conv1x1(h * scale + beta), scale (N, C, 1, 1) per image, beta (1, C, 1, 1),
+    without forming the GRN output: sum_n scale_n * (g_n^T h_n) + (sum g) beta^T, one batched matmul (a full-size
+    map fewer, and no fresh hidden-width allocation and its page faults)."""
+    n, o, i = g.shape[0], g.shape[1], h.shape[1]
+    cl = torch.channels_last
+    if g.is_contiguous(memory_format=cl) and h.is_contiguous(memory_format=cl):
+        per = torch.bmm(g.permute(0, 2, 3, 1).reshape(n, -1, o).mT, h.permute(0, 2, 3, 1).reshape(n, -1, i))
+    else:
+        per = torch.bmm(g.reshape(n, o, -1), h.reshape(n, i, -1).mT)  # (N, O, I)
+    gsum = g.sum((0, 2, 3))
+    gw = per.mul_(scale.view(n, 1, i)).sum(0).addr_(gsum, beta.view(i).to(g.dtype))  # (einsum copies: slow)
+    return gw.view(o, i, 1, 1), gsum
+
+
 def _format(x: torch.Tensor) -> torch.memory_format:
     cl = torch.channels_last
     return cl if x.is_contiguous(memory_format=cl) and not x.is_contiguous() else torch.contiguous_format
@@ -211,9 +226,8 @@ class _ConvMLP(torch.autograd.Function):
         need = ctx.needs_input_grad
         g = g.contiguous(memory_format=ctx.fmt)
         u, h3 = _ConvMLP._hidden(h1, wdw, bdw, ctx.residual)  # recomputed: one 3x3 depth-wise conv
-        h4 = torch.addcmul(beta.to(h3.dtype), h3, grn_scale(gamma, gx, mean).to(h3.dtype))
-        _, gw2, gb2 = _conv1x1_backward(g, h4, w2, (False, need[8], need[9]))
-        del h4
+        gw2, gb2 = _grn_conv1x1_params_grad(g, h3, grn_scale(gamma, gx, mean).to(h3.dtype), beta)
+        gw2, gb2 = gw2 if need[8] else None, gb2 if need[9] else None
         g4 = F.conv2d(g, w2.transpose(0, 1))  # input gradient of the 1x1 conv
         g3, ggamma, gbeta = grn_backward(g4, h3, gamma, gx, mean, inplace=True)
         del g4, h3
