@@ -71,6 +71,38 @@ def test_bn_act_gradcheck_and_running_stats(act):
     assert torch.autograd.gradcheck(lambda x, w, b: bn_act(x, bn, act), (x, bn.weight, bn.bias))
 
 
+@pytest.mark.parametrize('act', ['gelu', 'silu'])
+def test_dw_bn_act_conv_is_bitwise_the_plain_chain(act):
+    """The fusion chain (DW3x3, BN, act, 1x1 conv) keeping x alone: fp32 output, every gradient and the running
+    statistics equal the plain modules' bit for bit (the same kernels in the same order, so seeded runs are
+    unchanged), and a float64 gradcheck passes."""
+    from overlock_core.models.layers import Chain, DWConv2d
+    from overlock_core.ops import dw_bn_act_conv
+    chain = Chain(DWConv2d(6, 3), nn.BatchNorm2d(6), nn.GELU() if act == 'gelu' else nn.SiLU(), nn.Conv2d(6, 4, 1))
+    plain = copy.deepcopy(chain)
+    plain.lean = False
+    x = torch.randn(2, 6, 9, 10, requires_grad=True)
+    outs, grads, kept = [], [], []
+    for m in (chain, plain):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = m(x)
+        kept.append({id(t): t.numel() for t in saved if t.dim() == 4 and t.shape[0] == 2})
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                         [x, *m.parameters()]))
+    assert torch.equal(outs[0], outs[1])
+    assert len(kept[0]) == 1 and len(kept[1]) == 4  # x; plain autograd also the BN input, the act input and output
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(chain.named_buffers(), plain.buffers()):
+        assert torch.equal(a, b), name
+    dw, bn, conv = chain[0].double(), _bn(6), chain[3].double()
+    xd = _leaf(2, 6, 5, 4)
+    assert torch.autograd.gradcheck(lambda x, *p: dw_bn_act_conv(x, dw, bn, act, conv),
+                                    (xd, dw.weight, dw.bias, bn.weight, bn.bias, conv.weight, conv.bias))
+
+
 def test_bn_branch_sum_gradcheck_and_cumulative_momentum():
     """The DilatedReparamBlock training form: sum of BN(dw conv) branches, dilated ones included; momentum=None
     (cumulative average) is honoured."""

@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 
-from ..ops import (bn_act, bn_branch_sum, conv_mlp, dense_dilated, dilate_and_pad, dw_conv2d, gated_bn_conv, grn,
-                   kernel_av)
+from ..ops import (bn_act, bn_branch_sum, conv_mlp, dense_dilated, dilate_and_pad, dw_bn_act_conv, dw_conv2d,
+                   gated_bn_conv, grn, kernel_av)
 
 # DilatedReparamBlock branches per large kernel: (kernel, dilation), from UniRepLKNet (spec B.3).
 DRB_BRANCHES: Dict[int, Tuple[Tuple[int, int], ...]] = {
@@ -49,20 +49,41 @@ def plain_bn(bn: nn.Module) -> bool:
 
 class Chain(Lean, nn.Sequential):
     """nn.Sequential (same state_dict) that, in training, runs each BatchNorm2d followed by GELU or SiLU as one
-    recomputing function (``ops.bn_act``): the BatchNorm output is not kept."""
+    recomputing function (``ops.bn_act``): the BatchNorm output is not kept. A depth-wise 3x3 before the pair and a
+    1x1 conv after it join the function (``ops.dw_bn_act_conv``): neither the BatchNorm input nor the activation
+    output is kept."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mods, i = list(self), 0
         while i < len(mods):
-            act = mods[i + 1] if i + 1 < len(mods) else None
-            if plain_bn(mods[i]) and self.recompute() and (isinstance(act, nn.SiLU) or (
-                    isinstance(act, nn.GELU) and act.approximate == 'none')):
-                x = bn_act(x, mods[i], 'silu' if isinstance(act, nn.SiLU) else 'gelu')
+            act = _act_name(mods[i + 2]) if i + 3 < len(mods) else None
+            if act and self.recompute() and _dw3x3(mods[i]) and plain_bn(mods[i + 1]) and _conv1x1(mods[i + 3]):
+                x = dw_bn_act_conv(x, mods[i], mods[i + 1], act, mods[i + 3])
+                i += 4
+                continue
+            act = _act_name(mods[i + 1]) if i + 1 < len(mods) else None
+            if act and plain_bn(mods[i]) and self.recompute():
+                x = bn_act(x, mods[i], act)
                 i += 2
             else:
                 x = mods[i](x)
                 i += 1
         return x
+
+
+def _act_name(m: nn.Module) -> Optional[str]:
+    if isinstance(m, nn.SiLU):
+        return 'silu'
+    return 'gelu' if isinstance(m, nn.GELU) and m.approximate == 'none' else None
+
+
+def _dw3x3(m: nn.Module) -> bool:
+    return type(m) is DWConv2d and m.kernel_size == (3, 3) and m.dilation == (1, 1)
+
+
+def _conv1x1(m: nn.Module) -> bool:
+    return type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1 \
+        and m.padding == (0, 0)
 
 
 def mlp(seq: Sequence[nn.Module], x: torch.Tensor, lean: bool, se: Optional['SEModule'] = None) -> torch.Tensor:

@@ -8,6 +8,8 @@ memory about 3x ConvNeXt-T's. Here the backward recomputes them from what is kep
   each branch convolution (a forward depth-wise conv) before that branch's BatchNorm and conv backward.
 * ``bn_act``: act(BN(x)) keeps x, not also the BatchNorm output.
 * ``gated_bn_conv``: conv1x1(BN(y * s * gate)) (the Focus-Net block's output projection) keeps y, s and gate.
+* ``dw_bn_act_conv``: conv1x1(GELU(BN(DW3x3(x)))) (the Focus-Net fusion chain) keeps x, not also the BatchNorm
+  input and the GELU output.
 * ``conv_mlp``: keeps the chain's input (before the block's squeeze-excitation scale) and one hidden map, the GELU
   input (ConvNeXt's MLP keeps two); the GELU output and the 3x3 depth-wise conv are recomputed, and the GRN output
   is never formed again (the last 1x1 conv's weight gradient comes from the GRN input and its per-image scale).
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from .dwconv import NHWC_SPAN, _conv, _layout, autocast_args, dw_conv2d_backward
 from .grn import grn_backward, grn_forward, grn_scale
 
-__all__ = ['bn_act', 'bn_branch_sum', 'bn_momentum', 'conv_mlp', 'gated_bn_conv']
+__all__ = ['bn_act', 'bn_branch_sum', 'bn_momentum', 'conv_mlp', 'dw_bn_act_conv', 'gated_bn_conv']
 
 
 def _laid_out(x: torch.Tensor, w: torch.Tensor, d: int, layouts: dict) -> torch.Tensor:
@@ -169,6 +171,55 @@ def gated_bn_conv(y: torch.Tensor, s: torch.Tensor, gate: torch.Tensor, bn: torc
     with torch.autocast(dev, enabled=False):
         return _GatedBNConv.apply(y, s, gate, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn_momentum(bn),
                                   bn.eps, w, b)
+
+
+class _DWBNActConv(torch.autograd.Function):
+    """conv1x1(act(BN(DW3x3(x)))) keeping x and the batch statistics. The backward recomputes the BatchNorm input and
+    the activation with the very kernels of the forward (the batch statistics too, without touching the running
+    ones), and calls the backward kernels autograd would: the gradients equal the plain modules' bit for bit."""
+
+    @staticmethod
+    def _recompute(x, wdw, bdw, gamma, beta, eps, act):
+        z = _conv(x, wdw, bdw, 1)
+        y = torch.ops.aten.native_batch_norm(z, gamma, beta, None, None, True, 0.0, eps)[0]
+        return z, y, _ACTS[act][0](y)
+
+    @staticmethod
+    def forward(ctx, x, wdw, bdw, gamma, beta, running_mean, running_var, momentum, eps, act, w, b):
+        y, mean, invstd = torch.ops.aten.native_batch_norm(_conv(x, wdw, bdw, 1), gamma, beta, running_mean,
+                                                           running_var, True, momentum, eps)
+        ctx.save_for_backward(x, wdw, bdw, gamma, beta, mean, invstd, w)
+        ctx.eps, ctx.act = eps, act
+        return F.conv2d(_ACTS[act][0](y), w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, wdw, bdw, gamma, beta, mean, invstd, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        z, y, u = _DWBNActConv._recompute(x, wdw, bdw, gamma, beta, ctx.eps, ctx.act)
+        gu, gw, gb = _conv1x1_backward(g, u, w, (True, need[10], need[11]))
+        del u
+        gy = _ACTS[ctx.act][1](gu, y)
+        del gu, y
+        gz, gg, gbeta = torch.ops.aten.native_batch_norm_backward(gy, z, gamma, None, None, mean, invstd, True,
+                                                                  ctx.eps, [True, need[3], need[4]])
+        del gy, z
+        c = x.shape[1]
+        gx, gwdw, gbdw = torch.ops.aten.convolution_backward(
+            gz, x, wdw, [c] if bdw is not None else None, [1, 1], [1, 1], [1, 1], False, [0, 0], c,
+            [need[0], need[1], need[2] and bdw is not None])
+        return gx, gwdw, gbdw, gg, gbeta, None, None, None, None, None, gw, gb
+
+
+def dw_bn_act_conv(x: torch.Tensor, dw: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, act: str,
+                   conv: torch.nn.Conv2d) -> torch.Tensor:
+    """conv(act(bn(dw(x)))) for a depth-wise 3x3 ``dw``, ``bn`` in training mode and a 1x1 ``conv`` (the Focus-Net
+    fusion chain), keeping x alone instead of also the BatchNorm input and the activation output."""
+    dev = x.device.type
+    x, wdw, bdw, w, b = autocast_args(dev, x, dw.weight, dw.bias, conv.weight, conv.bias)
+    with torch.autocast(dev, enabled=False):
+        return _DWBNActConv.apply(x, wdw, bdw, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn_momentum(bn),
+                                  bn.eps, act, w, b)
 
 
 def _conv1x1_backward(g, x, w, mask) -> Tuple[Optional[torch.Tensor], ...]:
