@@ -124,6 +124,44 @@ def test_bn_branch_sum_gradcheck_and_cumulative_momentum():
         lambda x, *p: bn_branch_sum(x, p[:n], [d for _, d in specs], bns), params, atol=1e-8)
 
 
+def test_bn_branch_sum_with_layer_norm():
+    """The LayerNorm in front of a DilatedReparamBlock, run inside the lean function: fp32 output and gradients equal
+    the unfused function's bit for bit (the module's own kernels), its output is not kept, and a float64 gradcheck
+    passes; under bf16 autocast it runs in fp32 like the module."""
+    from timm.layers import LayerNorm2d
+    norm = LayerNorm2d(4, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    specs = ((5, 1), (3, 2))
+    weights = [torch.randn(4, 1, k, k, requires_grad=True) for k, _ in specs]
+    dil = [d for _, d in specs]
+    x = torch.randn(2, 4, 7, 9, requires_grad=True)
+    results = []
+    for fused in (True, False):
+        bns = [nn.BatchNorm2d(4).train() for _ in specs]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = bn_branch_sum(x, weights, dil, bns, norm) if fused else bn_branch_sum(norm(x), weights, dil, bns)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                    [x, norm.weight, norm.bias, *weights])
+        results.append((out, grads, sum(t.numel() for t in saved if t.numel() == x.numel())))
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a, b)
+    assert results[0][2] == x.numel() and results[1][2] == 2 * x.numel()  # x, not also the LayerNorm output
+    nd, xd, wd = copy.deepcopy(norm).double(), _leaf(2, 4, 5, 6), [_leaf(4, 1, k, k) for k, _ in specs]
+    bns = [_bn(4) for _ in specs]
+    assert torch.autograd.gradcheck(lambda x, lw, lb, *w: bn_branch_sum(x, w, dil, bns, nd),
+                                    (xd, nd.weight, nd.bias, *wd), atol=1e-8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = bn_branch_sum(x, weights, dil, [nn.BatchNorm2d(4).train() for _ in specs], norm)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), results[1][0], rtol=0.05, atol=0.1)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and norm.weight.grad is not None
+
+
 @pytest.mark.parametrize('residual,scaled', [(False, False), (True, True)])
 def test_conv_mlp_gradcheck(residual, scaled):
     """[x * scale,] 1x1 conv, GELU, [u +] DW3x3, GRN, 1x1 conv, keeping x and one hidden map: exact against the

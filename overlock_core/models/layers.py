@@ -71,6 +71,11 @@ class Chain(Lean, nn.Sequential):
         return x
 
 
+def _plain_ln(m: Optional[nn.Module]) -> bool:
+    """A timm LayerNorm2d on its plain kernel (``bn_branch_sum`` reproduces exactly that)."""
+    return type(m) is LayerNorm2d and m.elementwise_affine and not getattr(m, '_fast_norm', False)
+
+
 def _act_name(m: nn.Module) -> Optional[str]:
     if isinstance(m, nn.SiLU):
         return 'silu'
@@ -195,16 +200,20 @@ class DilatedReparamBlock(Lean, nn.Module):
                 self.add_module(f'dil_conv_k{k}_{r}', DWConv2d(dim, k, r, bias=False))
                 self.add_module(f'dil_bn_k{k}_{r}', nn.BatchNorm2d(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
+        """``norm``: the LayerNorm in front of the block, run inside the lean function (its output not kept)."""
         if self.deploy:
-            return self.lk_origin(x)
+            return self.lk_origin(x if norm is None else norm(x))
         convs = [self.lk_origin] + [getattr(self, f'dil_conv_k{k}_{r}') for k, r in self.branches]
         bns = [self.origin_bn] + [getattr(self, f'dil_bn_k{k}_{r}') for k, r in self.branches]
         if self.recompute() and all(plain_bn(bn) for bn in bns):  # keeps x alone, not one map per branch
             cpu = x.device.type == 'cpu'  # dense form of wide dilated kernels: a CPU speed-up (see ops.dwconv)
             weights, dilations = zip(*(dense_dilated(c.weight, c.dilation[0]) if cpu else (c.weight, c.dilation[0])
                                        for c in convs))
-            return bn_branch_sum(x, weights, dilations, bns)
+            if norm is not None and not _plain_ln(norm):
+                x, norm = norm(x), None
+            return bn_branch_sum(x, weights, dilations, bns, norm)
+        x = x if norm is None else norm(x)
         out = bns[0](convs[0](x))
         for conv, bn in zip(convs[1:], bns[1:]):
             out = out + bn(conv(x))
@@ -247,7 +256,7 @@ class RepConvBlock(Lean, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
         p = self.proj
-        y = p[9](mlp(p[4:9], p[2](p[1](p[0](x))), self.recompute(), se=p[3]))  # p[3]: SE, p[4:9]: MLP
+        y = p[9](mlp(p[4:9], p[2](p[1](x, norm=p[0])), self.recompute(), se=p[3]))  # p[3]: SE, p[4:9]: MLP
         return add_into(y, self.ls(x))
 
 

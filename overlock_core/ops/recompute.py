@@ -5,7 +5,8 @@ MLP chain (1x1 conv, GELU, x + DW3x3, GRN, 1x1 conv) four hidden-width maps. Tho
 memory about 3x ConvNeXt-T's. Here the backward recomputes them from what is kept:
 
 * ``bn_branch_sum``: sum_i BN_i(dwconv_i(x)) in training mode keeps x and the batch statistics; the backward re-runs
-  each branch convolution (a forward depth-wise conv) before that branch's BatchNorm and conv backward.
+  each branch convolution (a forward depth-wise conv) before that branch's BatchNorm and conv backward. A
+  LayerNorm in front (``norm``) runs inside, its output recomputed instead of kept.
 * ``bn_act``: act(BN(x)) keeps x, not also the BatchNorm output.
 * ``gated_bn_conv``: conv1x1(BN(y * s * gate)) (the Focus-Net block's output projection) keeps y, s and gate.
 * ``dw_bn_act_conv``: conv1x1(GELU(BN(DW3x3(x)))) (the Focus-Net fusion chain) keeps x, not also the BatchNorm
@@ -36,39 +37,61 @@ def _laid_out(x: torch.Tensor, w: torch.Tensor, d: int, layouts: dict) -> torch.
     return layouts[key]
 
 
+def _ln2d(x, weight, bias, eps):
+    """timm's LayerNorm2d through the kernel it calls (permute, native_layer_norm, permute back), with the
+    statistics its backward needs."""
+    y, mean, rstd = torch.ops.aten.native_layer_norm(x.permute(0, 2, 3, 1), [x.shape[1]], weight, bias, eps)
+    return y.permute(0, 3, 1, 2), mean, rstd
+
+
 class _BranchSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dilations, bn_args, *params):
+    def forward(ctx, x, dilations, bn_args, ln_eps, dtype, *params):
         n = len(dilations)
-        weights, gammas, betas = params[:n], params[n:2 * n], params[2 * n:]
+        weights, gammas, betas, ln = params[:n], params[n:2 * n], params[2 * n:3 * n], params[3 * n:]
+        u, ln_stats = x, ()
+        if ln_eps is not None:  # the LayerNorm before the block, in x's dtype; its output is not kept
+            u, *ln_stats = _ln2d(x, *ln, ln_eps)
+            u = u.to(dtype)
         out, stats, layouts = None, [], {}
         for w, d, (rm, rv, momentum, eps), gamma, beta in zip(weights, dilations, bn_args, gammas, betas):
-            z = _conv(_laid_out(x, w, d, layouts), w, None, d)
+            z = _conv(_laid_out(u, w, d, layouts), w, None, d)
             y, mean, invstd = torch.ops.aten.native_batch_norm(z, gamma, beta, rm, rv, True, momentum, eps)
             out = y if out is None else out.add_(y)
             stats += [mean, invstd]
-        ctx.save_for_backward(x, *weights, *gammas, *stats)
-        ctx.dilations, ctx.eps = dilations, [a[3] for a in bn_args]
+        ctx.save_for_backward(x, *weights, *gammas, *stats, *ln, *ln_stats)
+        ctx.dilations, ctx.eps, ctx.ln_eps, ctx.dtype = dilations, [a[3] for a in bn_args], ln_eps, dtype
         return out
 
     @staticmethod
     def backward(ctx, g):
         n = len(ctx.dilations)
         x, *saved = ctx.saved_tensors  # read once (checkpointing allows one unpack)
-        weights, gammas, stats = saved[:n], saved[n:2 * n], saved[2 * n:]
-        need_x = ctx.needs_input_grad[0]
+        weights, gammas, stats, ln = saved[:n], saved[n:2 * n], saved[2 * n:4 * n], saved[4 * n:]
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        u = x if ctx.ln_eps is None else _ln2d(x, ln[0], ln[1], ctx.ln_eps)[0].to(ctx.dtype)  # recomputed
         grad_x, grads_w, grads_g, grads_b, layouts = None, [], [], [], {}
         for i, (w, d, gamma, eps) in enumerate(zip(weights, ctx.dilations, gammas, ctx.eps)):
-            z = _conv(_laid_out(x, w, d, layouts), w, None, d)  # the one recomputed map
+            z = _conv(_laid_out(u, w, d, layouts), w, None, d)  # the one recomputed map
             gz, gg, gb = torch.ops.aten.native_batch_norm_backward(
                 g, z, gamma, None, None, stats[2 * i], stats[2 * i + 1], True, eps, [True, True, True])
             del z
-            gx, gw = dw_conv2d_backward(x, w, gz, d, (need_x, ctx.needs_input_grad[3 + i]))
+            gx, gw = dw_conv2d_backward(u, w, gz, d, (need_x, need[5 + i]))
             grad_x = gx if grad_x is None or gx is None else grad_x.add_(gx)
             grads_w.append(gw)
             grads_g.append(gg)
             grads_b.append(gb)
-        return grad_x, None, None, *grads_w, *grads_g, *grads_b
+        grads_ln = []
+        if ctx.ln_eps is not None:
+            del u, layouts
+            lw, lb, mean, rstd = ln
+            gx, glw, glb = torch.ops.aten.native_layer_norm_backward(
+                grad_x.to(x.dtype).permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), [x.shape[1]], mean, rstd, lw, lb,
+                [need_x, need[5 + 3 * n], need[6 + 3 * n]])
+            grad_x = gx.permute(0, 3, 1, 2) if gx is not None else None
+            grads_ln = [glw, glb]
+        return grad_x, None, None, None, None, *grads_w, *grads_g, *grads_b, *grads_ln
 
 
 def bn_momentum(bn: torch.nn.BatchNorm2d) -> float:
@@ -82,14 +105,22 @@ def bn_momentum(bn: torch.nn.BatchNorm2d) -> float:
 
 
 def bn_branch_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], dilations: Sequence[int],
-                  bns: Sequence[torch.nn.BatchNorm2d]) -> torch.Tensor:
-    """sum_i bns[i](depth-wise 'same' conv(x, weights[i], dilations[i])), every BatchNorm in training mode (batch
-    statistics; running statistics updated as nn.BatchNorm2d does)."""
+                  bns: Sequence[torch.nn.BatchNorm2d], norm: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    """sum_i bns[i](depth-wise 'same' conv(u, weights[i], dilations[i])), u = norm(x) (a timm LayerNorm2d) or x,
+    every BatchNorm in training mode (batch statistics; running statistics updated as nn.BatchNorm2d does). With
+    ``norm`` only x is kept, not also the LayerNorm's output; the LayerNorm runs in x's dtype (fp32 under autocast,
+    as autocast runs layer_norm) through the kernels the module calls, so results equal the modules' exactly."""
     bn_args = [(bn.running_mean, bn.running_var, bn_momentum(bn), bn.eps) for bn in bns]
-    x, *weights = autocast_args(x.device.type, x, *weights)
-    with torch.autocast(x.device.type, enabled=False):
-        return _BranchSum.apply(x, tuple(dilations), tuple(bn_args), *weights, *[bn.weight for bn in bns],
-                                *[bn.bias for bn in bns])
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if norm is None:
+        x, *weights = autocast_args(dev, x, *weights)
+    else:
+        weights = autocast_args(dev, *weights)
+    ln = () if norm is None else (norm.weight, norm.bias)
+    with torch.autocast(dev, enabled=False):
+        return _BranchSum.apply(x, tuple(dilations), tuple(bn_args), None if norm is None else norm.eps, dtype,
+                                *weights, *[bn.weight for bn in bns], *[bn.bias for bn in bns], *ln)
 
 
 def _bn_output(x, gamma, beta, mean, invstd):
