@@ -160,6 +160,9 @@ def test_bn_branch_sum_with_layer_norm():
     torch.testing.assert_close(out.float(), results[1][0], rtol=0.05, atol=0.1)
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32 and norm.weight.grad is not None
+    norm.weight.grad = None  # an input that needs no gradient (a frozen stem): the LayerNorm's still flow
+    bn_branch_sum(x.detach(), weights, dil, [nn.BatchNorm2d(4).train() for _ in specs], norm).sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize('residual,scaled', [(False, False), (True, True)])

@@ -69,8 +69,9 @@ class _BranchSum(torch.autograd.Function):
         x, *saved = ctx.saved_tensors  # read once (checkpointing allows one unpack)
         weights, gammas, stats, ln = saved[:n], saved[n:2 * n], saved[2 * n:4 * n], saved[4 * n:]
         need = ctx.needs_input_grad
-        need_x = need[0]
-        u = x if ctx.ln_eps is None else _ln2d(x, ln[0], ln[1], ctx.ln_eps)[0].to(ctx.dtype)  # recomputed
+        has_ln = ctx.ln_eps is not None
+        need_x = need[0] or (has_ln and (need[5 + 3 * n] or need[6 + 3 * n]))  # the LayerNorm's grads need it too
+        u = x if not has_ln else _ln2d(x, ln[0], ln[1], ctx.ln_eps)[0].to(ctx.dtype)  # recomputed
         grad_x, grads_w, grads_g, grads_b, layouts = None, [], [], [], {}
         for i, (w, d, gamma, eps) in enumerate(zip(weights, ctx.dilations, gammas, ctx.eps)):
             z = _conv(_laid_out(u, w, d, layouts), w, None, d)  # the one recomputed map
@@ -83,12 +84,12 @@ class _BranchSum(torch.autograd.Function):
             grads_g.append(gg)
             grads_b.append(gb)
         grads_ln = []
-        if ctx.ln_eps is not None:
+        if has_ln:
             del u, layouts
             lw, lb, mean, rstd = ln
             gx, glw, glb = torch.ops.aten.native_layer_norm_backward(
                 grad_x.to(x.dtype).permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), [x.shape[1]], mean, rstd, lw, lb,
-                [need_x, need[5 + 3 * n], need[6 + 3 * n]])
+                [need[0], need[5 + 3 * n], need[6 + 3 * n]])
             grad_x = gx.permute(0, 3, 1, 2) if gx is not None else None
             grads_ln = [glw, glb]
         return grad_x, None, None, None, None, *grads_w, *grads_g, *grads_b, *grads_ln
