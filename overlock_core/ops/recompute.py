@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .dwconv import NHWC_SPAN, _conv, _layout, autocast_args, dw_conv2d_backward
-from .grn import grn_backward, grn_forward, grn_scale
+from .grn import _channels_last, grn_backward, grn_forward, grn_scale
 
 __all__ = ['bn_act', 'bn_branch_sum', 'bn_momentum', 'conv_mlp', 'dw_bn_act_conv', 'gated_bn_conv']
 
@@ -275,8 +275,7 @@ def _grn_conv1x1_params_grad(g, h, scale, beta) -> Tuple[torch.Tensor, torch.Ten
 
 
 def _format(x: torch.Tensor) -> torch.memory_format:
-    cl = torch.channels_last
-    return cl if x.is_contiguous(memory_format=cl) and not x.is_contiguous() else torch.contiguous_format
+    return torch.channels_last if _channels_last(x) else torch.contiguous_format
 
 
 class _ConvMLP(torch.autograd.Function):
