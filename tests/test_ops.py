@@ -125,6 +125,45 @@ def test_dw_conv2d_gradcheck_fft_path():
     assert torch.autograd.gradcheck(lambda a, wt: dw_conv2d(a, wt, None, 1), (x, weight))
 
 
+@pytest.mark.parametrize('h,w,specs', [(17, 23, ((7, 1), (3, 2), (5, 3))), (20, 18, ((17, 1), (3, 7), (9, 2)))])
+def test_spectral_grads_match_autograd(h, w, specs):
+    """A DilatedReparamBlock's branch gradients in frequency space (one transform of the input, one inverse for
+    the summed input gradient) equal autograd through the convolutions, odd sizes and dilations included."""
+    from overlock_core.ops import SpectralGrads
+    x = torch.randn(3, 4, h, w, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(4, 1, k, k, dtype=torch.float64, requires_grad=True) for k, _ in specs]
+    gs = [torch.randn(3, 4, h, w, dtype=torch.float64) for _ in specs]
+    out = sum((torch.nn.functional.conv2d(x, wt, padding=d * (wt.shape[-1] // 2), dilation=d, groups=4) * g).sum()
+              for wt, (_, d), g in zip(ws, specs, gs))
+    want = torch.autograd.grad(out, [x, *ws])
+    spectral = SpectralGrads(x.detach(), ws, [d for _, d in specs])
+    got = [spectral.add(wt.detach(), d, g, (True, True)) for wt, (_, d), g in zip(ws, specs, gs)]
+    torch.testing.assert_close(spectral.input_grad(), want[0], rtol=0, atol=1e-11)
+    for a, b in zip(got, want[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_bn_branch_sum_spectral_path_matches_per_branch(monkeypatch):
+    """bn_branch_sum on a map over 16x16 takes the frequency-space backward; its gradients equal the per-branch
+    path's, and the LayerNorm's with it."""
+    from timm.layers import LayerNorm2d
+    from overlock_core.ops import SpectralGrads, bn_branch_sum, dwconv
+    specs = ((9, 1), (5, 1), (3, 2), (3, 5))
+    x = torch.randn(2, 3, 18, 21, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(3, 1, k, k, dtype=torch.float64, requires_grad=True) for k, _ in specs]
+    norm = LayerNorm2d(3).double()
+    assert SpectralGrads.use(x)
+    grads = []
+    for spectral in (True, False):
+        monkeypatch.setattr(dwconv.SpectralGrads, 'use', staticmethod(lambda t, on=spectral: on))
+        bns = [torch.nn.BatchNorm2d(3).double().train() for _ in specs]
+        out = bn_branch_sum(x, ws, [d for _, d in specs], bns, norm)
+        g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+        grads.append(torch.autograd.grad((out * g).sum(), [x, *ws, norm.weight, *[bn.weight for bn in bns]]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
 def test_dw_conv2d_bf16_autocast_keeps_weight_grad_dtype():
     from overlock_core.ops import dw_conv2d
     x = torch.randn(1, 4, 20, 20, requires_grad=True)

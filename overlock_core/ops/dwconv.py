@@ -13,16 +13,20 @@ result and computes both gradients with forward-style operations:
   the kernel; for kernels of 9 taps or more on larger maps, a cross-correlation through ``torch.fft`` (cost
   independent of K, summed over the batch in frequency space, in at least fp32); otherwise PyTorch's weight
   gradient on channels-last inputs, where it is fast.
+* ``SpectralGrads``: both gradients of a sum of depth-wise convolutions of one input (a DilatedReparamBlock's
+  branches) in frequency space on maps larger than 16x16: the input's transform is shared by every branch, each
+  branch adds one transform of its output gradient, and one inverse transform gives the summed input gradient.
+  On the 56x56 and 28x28 maps of a 224 input this is 1.5-2.4x faster than the per-branch methods above.
 
 The thresholds come from timing every shape OverLoCK meets on a 2-core x86 CPU (oneDNN); they only pick between
 exact methods. On other devices, and for plain 3x3 kernels, ``dw_conv2d`` is ``F.conv2d``.
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['autocast_args', 'dense_dilated', 'dilate_and_pad', 'dw_conv2d', 'dw_conv2d_backward', 'dw_weight_grad']
+__all__ = ['SpectralGrads', 'autocast_args', 'dense_dilated', 'dilate_and_pad', 'dw_conv2d', 'dw_conv2d_backward', 'dw_weight_grad']
 
 LARGE_KERNEL = 9  # from this many taps on the weight gradient is computed by us
 SMALL_MAP = 16 * 16  # at most this many pixels and ...
@@ -65,9 +69,75 @@ def dw_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilati
     size = (h + pad, w + pad)  # long enough that lags -pad..pad do not wrap onto the map
     dtype = torch.promote_types(x.dtype, torch.float32)
     spec = torch.fft.rfft2(x.to(dtype), s=size) * torch.fft.rfft2(grad.to(dtype), s=size).conj()
-    corr = torch.fft.irfft2(spec.sum(0), s=size)  # corr[c, u, v] = sum grad[i, j] * x[i + u, j + v]
-    lags = torch.arange(-pad, pad + 1, dilation, device=x.device)
-    return corr[:, lags % size[0]][:, :, lags % size[1]].unsqueeze(1)
+    return _taps(torch.fft.irfft2(spec.sum(0), s=size), kernel_size, dilation)
+
+
+def _lags(kernel_size: int, dilation: int, size: Tuple[int, int], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices, modulo the transform size, of a 'same' kernel's taps as offsets -pad..pad (rows, then columns)."""
+    pad = dilation * (kernel_size - 1) // 2
+    lags = torch.arange(-pad, pad + 1, dilation, device=device)
+    return lags % size[0], lags % size[1]
+
+
+def _taps(corr: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
+    """(C, 1, K, K) kernel gradient from corr[c, u, v] = sum grad[i, j] * x[i + u, j + v] (lags modulo its size)."""
+    rows, cols = _lags(kernel_size, dilation, corr.shape[-2:], corr.device)
+    return corr[:, rows][:, :, cols].unsqueeze(1)
+
+
+def _smooth(n: int) -> int:
+    """The smallest integer >= n with no prime factor above 5 (fast transform sizes)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+class SpectralGrads:
+    """Input and kernel gradients of sum_i conv(x, weight_i, dilation_i) (depth-wise, 'same') through ``torch.fft``.
+
+    Transforms of size >= map + the widest kernel's half-width make the circular products equal the zero-padded
+    ones: the input gradient is sum_i irfft(G_i * W_i) and each kernel gradient irfft(sum_n conj(X) * G_i) read at negated
+    lags, G_i the transform of branch i's output gradient. X is shared, and so is the one inverse transform of the summed
+    input gradient. In at least fp32. ``use(x)``: where it beats the per-branch methods (CPU, maps over 16x16)."""
+
+    def __init__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], dilations: Sequence[int]):
+        pad = max(d * (w.shape[-1] - 1) // 2 for w, d in zip(weights, dilations))
+        self.shape, self.dtype = x.shape, x.dtype
+        self.size = (_smooth(x.shape[-2] + pad), _smooth(x.shape[-1] + pad))
+        self.acc = torch.promote_types(x.dtype, torch.float32)
+        self.fx = torch.fft.rfft2(x.to(self.acc), s=self.size).conj().resolve_conj()  # conjugated once, not per branch
+        self.gx = None
+
+    @staticmethod
+    def use(x: torch.Tensor) -> bool:
+        return x.device.type == 'cpu' and x.shape[-2] * x.shape[-1] > SMALL_MAP
+
+    def add(self, weight: torch.Tensor, dilation: int, grad: torch.Tensor, mask: Tuple[bool, bool]):
+        """Takes branch (weight, dilation)'s output gradient; returns its kernel gradient if mask[1] asks for it and
+        accumulates its input gradient if mask[0] does."""
+        spec = torch.fft.rfft2(grad.to(self.acc), s=self.size)
+        grad_w = None
+        if mask[1]:
+            corr = torch.fft.irfft2((self.fx * spec).sum(0), s=self.size)  # lags negated: sum x[i, j] g[i + u, j + v]
+            grad_w = _taps(corr, weight.shape[-1], dilation).flip(2, 3).to(weight.dtype)
+        if mask[0]:
+            kernel = weight.new_zeros(weight.shape[0], *self.size, dtype=self.acc)
+            rows, cols = _lags(weight.shape[-1], dilation, self.size, weight.device)
+            kernel[:, rows[:, None], cols[None, :]] = weight[:, 0].to(self.acc)
+            kernel = torch.fft.rfft2(kernel)
+            self.gx = spec.mul_(kernel) if self.gx is None else self.gx.addcmul_(spec, kernel)
+        return grad_w
+
+    def input_grad(self) -> Optional[torch.Tensor]:
+        if self.gx is None:
+            return None
+        h, w = self.shape[-2:]
+        return torch.fft.irfft2(self.gx, s=self.size)[..., :h, :w].to(self.dtype).contiguous()
 
 
 def dw_conv2d_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, dilation: int,

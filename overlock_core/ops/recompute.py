@@ -5,8 +5,9 @@ MLP chain (1x1 conv, GELU, x + DW3x3, GRN, 1x1 conv) four hidden-width maps. Tho
 memory about 3x ConvNeXt-T's. Here the backward recomputes them from what is kept:
 
 * ``bn_branch_sum``: sum_i BN_i(dwconv_i(x)) in training mode keeps x and the batch statistics; the backward re-runs
-  each branch convolution (a forward depth-wise conv) before that branch's BatchNorm and conv backward. A
-  LayerNorm in front (``norm``) runs inside, its output recomputed instead of kept.
+  each branch convolution (a forward depth-wise conv) before that branch's BatchNorm and conv backward (on large
+  CPU maps all branches' conv gradients together in frequency space, ``SpectralGrads``). A LayerNorm in front
+  (``norm``) runs inside, its output recomputed instead of kept.
 * ``bn_act``: act(BN(x)) keeps x, not also the BatchNorm output.
 * ``gated_bn_conv``: conv1x1(BN(y * s * gate)) (the Focus-Net block's output projection) keeps y, s and gate.
 * ``dw_bn_act_conv``: conv1x1(GELU(BN(DW3x3(x)))) (the Focus-Net fusion chain) keeps x, not also the BatchNorm
@@ -23,7 +24,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .dwconv import NHWC_SPAN, _conv, _layout, autocast_args, dw_conv2d_backward
+from .dwconv import NHWC_SPAN, SpectralGrads, _conv, _layout, autocast_args, dw_conv2d_backward
 from .grn import _channels_last, grn_backward, grn_forward, grn_scale
 
 __all__ = ['bn_act', 'bn_branch_sum', 'bn_momentum', 'conv_mlp', 'dw_bn_act_conv', 'gated_bn_conv']
@@ -73,16 +74,23 @@ class _BranchSum(torch.autograd.Function):
         need_x = need[0] or (has_ln and (need[5 + 3 * n] or need[6 + 3 * n]))  # the LayerNorm's grads need it too
         u = x if not has_ln else _ln2d(x, ln[0], ln[1], ctx.ln_eps)[0].to(ctx.dtype)  # recomputed
         grad_x, grads_w, grads_g, grads_b, layouts = None, [], [], [], {}
+        spectral = SpectralGrads(u, weights, ctx.dilations) if SpectralGrads.use(u) else None
         for i, (w, d, gamma, eps) in enumerate(zip(weights, ctx.dilations, gammas, ctx.eps)):
             z = _conv(_laid_out(u, w, d, layouts), w, None, d)  # the one recomputed map
             gz, gg, gb = torch.ops.aten.native_batch_norm_backward(
                 g, z, gamma, None, None, stats[2 * i], stats[2 * i + 1], True, eps, [True, True, True])
             del z
-            gx, gw = dw_conv2d_backward(u, w, gz, d, (need_x, need[5 + i]))
-            grad_x = gx if grad_x is None or gx is None else grad_x.add_(gx)
+            if spectral is not None:  # large maps: all branches' gradients in frequency space
+                gw = spectral.add(w, d, gz, (need_x, need[5 + i]))
+            else:
+                gx, gw = dw_conv2d_backward(u, w, gz, d, (need_x, need[5 + i]))
+                grad_x = gx if grad_x is None or gx is None else grad_x.add_(gx)
             grads_w.append(gw)
             grads_g.append(gg)
             grads_b.append(gb)
+        if spectral is not None:
+            grad_x = spectral.input_grad()
+            del spectral
         grads_ln = []
         if has_ln:
             del u, layouts
