@@ -100,7 +100,8 @@ def test_na2d_both_paths_match_reference(path, monkeypatch):
 # FFT for large kernels on larger maps, PyTorch's on channels-last for small kernels) and both layouts
 DW_SHAPES = [(2, 3, 9, 11, 11, 1, True), (2, 4, 20, 40, 13, 1, False), (1, 3, 40, 33, 17, 1, True),
              (2, 3, 40, 40, 3, 7, False), (2, 3, 12, 12, 13, 1, True), (2, 3, 30, 35, 9, 2, True),
-             (2, 5, 16, 16, 7, 1, True), (1, 2, 18, 21, 5, 1, False)]
+             (2, 5, 16, 16, 7, 1, True), (1, 2, 18, 21, 5, 1, False), (2, 4, 9, 10, 3, 2, False),
+             (1, 3, 12, 11, 3, 3, True)]
 
 
 @pytest.mark.parametrize('b,c,h,w,k,d,bias', DW_SHAPES)

@@ -9,10 +9,10 @@ result and computes both gradients with forward-style operations:
   channels-last layout for kernels spanning 14 pixels or more (oneDNN's fast path), in the given layout otherwise;
 * when gradients are recorded, dilated kernels of 9 taps or more run as the dense kernel with zeros between the
   taps (without gradients the plain dilated conv runs, so FLOP counters see the model's own conv);
-* weight gradient: on maps up to 16x16 (kernels of 5 to 13), a grouped convolution that uses the output gradient as
-  the kernel; for kernels of 9 taps or more on larger maps, a cross-correlation through ``torch.fft`` (cost
-  independent of K, summed over the batch in frequency space, in at least fp32); otherwise PyTorch's weight
-  gradient on channels-last inputs, where it is fast.
+* weight gradient: on maps up to 16x16 (kernels of 5 to 13, and 3x3 with dilation 2 or 3), a grouped convolution
+  that uses the output gradient as the kernel; for kernels of 9 taps or more on larger maps, a cross-correlation
+  through ``torch.fft`` (cost independent of K, summed over the batch in frequency space, in at least fp32);
+  otherwise PyTorch's weight gradient on channels-last inputs, where it is fast.
 * ``SpectralGrads``: both gradients of a sum of depth-wise convolutions of one input (a DilatedReparamBlock's
   branches) in frequency space on maps larger than 16x16: the input's transform is shared by every branch, each
   branch adds one transform of its output gradient, and one inverse transform gives the summed input gradient.
@@ -26,7 +26,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['SpectralGrads', 'autocast_args', 'dense_dilated', 'dilate_and_pad', 'dw_conv2d', 'dw_conv2d_backward', 'dw_weight_grad']
+__all__ = ['SpectralGrads', 'autocast_args', 'dense_dilated', 'dilate_and_pad', 'dw_conv2d', 'dw_conv2d_backward',
+           'dw_weight_grad']
 
 LARGE_KERNEL = 9  # from this many taps on the weight gradient is computed by us
 SMALL_MAP = 16 * 16  # at most this many pixels and ...
@@ -101,9 +102,10 @@ class SpectralGrads:
     """Input and kernel gradients of sum_i conv(x, weight_i, dilation_i) (depth-wise, 'same') through ``torch.fft``.
 
     Transforms of size >= map + the widest kernel's half-width make the circular products equal the zero-padded
-    ones: the input gradient is sum_i irfft(G_i * W_i) and each kernel gradient irfft(sum_n conj(X) * G_i) read at negated
-    lags, G_i the transform of branch i's output gradient. X is shared, and so is the one inverse transform of the summed
-    input gradient. In at least fp32. ``use(x)``: where it beats the per-branch methods (CPU, maps over 16x16)."""
+    ones: the input gradient is sum_i irfft(G_i * W_i) and each kernel gradient irfft(sum_n conj(X) * G_i) read at
+    negated lags, G_i the transform of branch i's output gradient. X is shared, and so is the one inverse transform
+    of the summed input gradient. In at least fp32. ``use(x)``: where it beats the per-branch methods (CPU, maps
+    over 16x16)."""
 
     def __init__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], dilations: Sequence[int]):
         pad = max(d * (w.shape[-1] - 1) // 2 for w, d in zip(weights, dilations))
@@ -153,7 +155,9 @@ def dw_conv2d_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
     grad_x = grad_w = None
     if mask[0]:
         grad_x = _conv(_layout(grad, k, d), weight.flip(2, 3), None, d)
-    ours = k >= LARGE_KERNEL or (x.shape[-2] * x.shape[-1] <= SMALL_MAP and 5 <= k <= SMALL_MAP_MAX_K)
+    # the grouped conv runs with stride = dilation: dilated 3x3 kernels only up to stride 3 (oneDNN's fast path)
+    small = x.shape[-2] * x.shape[-1] <= SMALL_MAP and (5 <= k <= SMALL_MAP_MAX_K or (k == 3 and 1 < d <= 3))
+    ours = k >= LARGE_KERNEL or small
     if mask[1] and ours:
         grad_w = dw_weight_grad(x.contiguous(), grad.contiguous(), k, d).to(weight.dtype)
     elif mask[1]:
