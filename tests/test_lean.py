@@ -165,15 +165,16 @@ def test_bn_branch_sum_with_layer_norm():
     assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize('residual,scaled', [(False, False), (True, True)])
-def test_conv_mlp_gradcheck(residual, scaled):
+@pytest.mark.parametrize('residual,scaled,c,h,w', [(False, False, 3, 5, 6), (True, True, 3, 5, 6),
+                                                    (True, False, 16, 2, 2)])  # last: one-matmul weight gradient
+def test_conv_mlp_gradcheck(residual, scaled, c, h, w):
     """[x * scale,] 1x1 conv, GELU, [u +] DW3x3, GRN, 1x1 conv, keeping x and one hidden map: exact against the
     composite."""
     from overlock_core.ops import grn
-    c, hid = 3, 5
+    hid = 5
     params = (_leaf(hid, c, 1, 1), _leaf(hid), _leaf(hid, 1, 3, 3), _leaf(hid), _leaf(1, hid, 1, 1),
               _leaf(1, hid, 1, 1), _leaf(c, hid, 1, 1), _leaf(c))
-    x, scale = _leaf(2, c, 5, 6), (_leaf(2, c, 1, 1) if scaled else None)
+    x, scale = _leaf(2, c, h, w), (_leaf(2, c, 1, 1) if scaled else None)
 
     def composite(x, w1, b1, wdw, bdw, gamma, beta, w2, b2):
         u = nn.functional.gelu(nn.functional.conv2d(x if scale is None else x * scale, w1, b1))

@@ -271,13 +271,16 @@ def _grn_conv1x1_params_grad(g, h, scale, beta) -> Tuple[torch.Tensor, torch.Ten
     """(weight grad, bias grad) of conv1x1(h * scale + beta), scale (N, C, 1, 1) per image, beta (1, C, 1, 1),
     without forming the GRN output: sum_n scale_n * (g_n^T h_n) + (sum g) beta^T, one batched matmul (a full-size
     map fewer, and no fresh hidden-width allocation and its page faults)."""
-    n, o, i = g.shape[0], g.shape[1], h.shape[1]
+    n, o, i, hw = g.shape[0], g.shape[1], h.shape[1], g.shape[2] * g.shape[3]
+    gsum = g.sum((0, 2, 3))
+    if hw * 4 <= o:  # small maps (stage 4): the scaled map is smaller than the N per-image products; one matmul
+        gw = torch.mm(g.permute(0, 2, 3, 1).reshape(-1, o).t(), (h * scale).permute(0, 2, 3, 1).reshape(-1, i))
+        return gw.addr_(gsum, beta.view(i).to(g.dtype)).view(o, i, 1, 1), gsum
     cl = torch.channels_last
     if g.is_contiguous(memory_format=cl) and h.is_contiguous(memory_format=cl):
         per = torch.bmm(g.permute(0, 2, 3, 1).reshape(n, -1, o).mT, h.permute(0, 2, 3, 1).reshape(n, -1, i))
     else:
         per = torch.bmm(g.reshape(n, o, -1), h.reshape(n, i, -1).mT)  # (N, O, I)
-    gsum = g.sum((0, 2, 3))
     gw = per.mul_(scale.view(n, 1, i)).sum(0).addr_(gsum, beta.view(i).to(g.dtype))  # (einsum copies: slow)
     return gw.view(o, i, 1, 1), gsum
 
