@@ -112,8 +112,14 @@ class SpectralGrads:
         self.shape, self.dtype = x.shape, x.dtype
         self.size = (_smooth(x.shape[-2] + pad), _smooth(x.shape[-1] + pad))
         self.acc = torch.promote_types(x.dtype, torch.float32)
-        self.fx = torch.fft.rfft2(x.to(self.acc), s=self.size).conj().resolve_conj()  # conjugated once, not per branch
+        # one zero-padded buffer for every transform (the padding stays zero): no fresh map per branch
+        self.buf = x.new_zeros(*x.shape[:2], *self.size, dtype=self.acc)
+        self.fx = self._rfft(x).conj().resolve_conj()  # conjugated once, not per branch
         self.gx = None
+
+    def _rfft(self, t: torch.Tensor) -> torch.Tensor:
+        self.buf[..., :t.shape[-2], :t.shape[-1]].copy_(t)
+        return torch.fft.rfft2(self.buf)
 
     @staticmethod
     def use(x: torch.Tensor) -> bool:
@@ -122,10 +128,13 @@ class SpectralGrads:
     def add(self, weight: torch.Tensor, dilation: int, grad: torch.Tensor, mask: Tuple[bool, bool]):
         """Takes branch (weight, dilation)'s output gradient; returns its kernel gradient if mask[1] asks for it and
         accumulates its input gradient if mask[0] does."""
-        spec = torch.fft.rfft2(grad.to(self.acc), s=self.size)
+        spec = self._rfft(grad)
         grad_w = None
         if mask[1]:
-            corr = torch.fft.irfft2((self.fx * spec).sum(0), s=self.size)  # lags negated: sum x[i, j] g[i + u, j + v]
+            prod = self.fx[0] * spec[0]
+            for n in range(1, spec.shape[0]):  # summed over the batch image by image: no (N, C, ...) product
+                prod.addcmul_(self.fx[n], spec[n])
+            corr = torch.fft.irfft2(prod, s=self.size)  # lags negated: sum x[i, j] g[i + u, j + v]
             grad_w = _taps(corr, weight.shape[-1], dilation).flip(2, 3).to(weight.dtype)
         if mask[0]:
             kernel = weight.new_zeros(weight.shape[0], *self.size, dtype=self.acc)
