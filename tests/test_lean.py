@@ -279,3 +279,25 @@ def test_lean_under_bf16_autocast_matches_plain():
         ga = torch.cat([g.flatten() for g in a[2].values()])
         gb = torch.cat([g.flatten() for g in b[2].values()])
         assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.99
+
+
+def test_lean_max_recomputes_the_hidden_map_bit_for_bit():
+    """lean='max' keeps no hidden-width MLP map (the first 1x1 conv runs again in the backward): outputs, gradients
+    and BatchNorm statistics equal lean=True's bit for bit, and it keeps less; bad values are refused."""
+    torch.manual_seed(0)
+    model = OverLoCK('test', num_classes=5).train()
+    lean, most = model, copy.deepcopy(model)
+    most.set_lean('max')
+    x = torch.randn(2, 3, 64, 64)
+    a, b = _run(lean, [x]), _run(most, [x])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1][0], b[1][0])
+    for name, g in a[2].items():
+        assert g is None and b[2][name] is None or torch.equal(g, b[2][name]), name
+    for name, buf in a[3].items():
+        assert torch.equal(buf, b[3][name]), name
+    big, x = OverLoCK('t', num_classes=10).train(), torch.randn(2, 3, 96, 96)
+    kept = _saved_bytes(big, x)
+    big.set_lean('max')
+    assert _saved_bytes(big, x) < 0.9 * kept  # 0.83 here; OverLoCK-T at 224, batch 8: 949 -> 699 MiB
+    with pytest.raises(ValueError, match='lean must be'):
+        model.set_lean('yes')

@@ -13,6 +13,7 @@ varying part of the peak); CUDA peak memory is torch.cuda.max_memory_allocated a
   python tools/benchmark.py                                   # 224x224, batch 8, CPU, 2 threads
   python tools/benchmark.py --size 800 1280 --batch 1 --modes train --backbone
   python tools/benchmark.py --modes train --no-lean           # OverLoCK through the plain modules (no recompute)
+  python tools/benchmark.py --modes train --lean-max          # lean='max': no hidden MLP map kept
   python tools/benchmark.py --ops                             # aggregation operator vs the unfold formulation
   python tools/benchmark.py --device cuda --dtype bf16 --channels-last --json bench.json
   python tools/benchmark.py --models overlock_t --modes train --repeats 1 --profile 20   # where a step's time goes
@@ -86,8 +87,8 @@ def run_model(a: Dict) -> Dict:
     kw = {}
     if a['backbone']:
         kw = dict(features_only=True, out_indices=(0, 1, 2, 3))
-    if a.get('no_lean') and a['model'].startswith('overlock'):
-        kw['lean'] = False
+    if a.get('lean', True) is not True and a['model'].startswith('overlock'):
+        kw['lean'] = a['lean']
     model = timm.create_model(a['model'], **kw).to(dev)
     if a.get('grad_checkpointing'):
         model.set_grad_checkpointing(True)
@@ -194,8 +195,11 @@ def main(argv=None):
     ap.add_argument('--backbone', action='store_true', help='features only (no classifier), as in det/seg')
     ap.add_argument('--grad-checkpointing', action='store_true',
                     help='recompute each block in the backward (timm set_grad_checkpointing): memory for time')
-    ap.add_argument('--no-lean', action='store_true',
-                    help="OverLoCK's training form through plain modules (no recomputation; more memory)")
+    lean = ap.add_mutually_exclusive_group()
+    lean.add_argument('--no-lean', dest='lean', action='store_const', const=False, default=True,
+                      help="OverLoCK's training form through plain modules (no recomputation; more memory)")
+    lean.add_argument('--lean-max', dest='lean', action='store_const', const='max',
+                      help="OverLoCK with lean='max' (the MLPs keep no hidden map: less memory, more time)")
     ap.add_argument('--profile', type=int, default=0, metavar='N',
                     help='also profile one step of each model and print its N costliest operators (self time)')
     ap.add_argument('--cudnn-benchmark', action='store_true', help='let cuDNN pick its algorithms by timing them')
@@ -238,7 +242,8 @@ def main(argv=None):
         print(f"{h}x{w}, batch {args.batch}, {args.device}, {args.threads} threads, {args.dtype}"
               f"{', channels_last' if args.channels_last else ''}{', backbone only' if args.backbone else ''}"
               f"{', gradient checkpointing' if args.grad_checkpointing else ''}"
-              f"{', OverLoCK without recomputation (--no-lean)' if args.no_lean else ''}")
+              f"{', OverLoCK without recomputation (--no-lean)' if args.lean is False else ''}"
+              f"{', OverLoCK lean=max' if args.lean == 'max' else ''}")
         print(f"{'model':18}{'mode':7}{'ms/step':>10}{'img/s':>9}{'peak MiB':>10}{'params M':>10}{'spread':>10}")
         results: Dict = {}
         for _ in range(args.repeats):  # models alternate, so a slow spell of the machine hits each of them
@@ -246,7 +251,7 @@ def main(argv=None):
                 for mode in args.modes:
                     r = _worker(dict(common, kind='model', model=model, mode=mode, size=[h, w], dtype=args.dtype,
                                      channels_last=args.channels_last, backbone=args.backbone,
-                                     grad_checkpointing=args.grad_checkpointing, no_lean=args.no_lean,
+                                     grad_checkpointing=args.grad_checkpointing, lean=args.lean,
                                      profile=args.profile))
                     results.setdefault((model, mode), []).append(r)
         for (model, mode), runs in results.items():

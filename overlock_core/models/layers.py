@@ -1,6 +1,6 @@
 """Building blocks of OverLoCK. Module and parameter names follow the authors' state_dict layout (spec B.8) so
 their released checkpoints load unchanged; indices inside the nn.Sequential containers are part of that layout."""
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,10 +33,11 @@ def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 class Lean:
-    """Mixin: ``lean`` (default on; ``OverLoCK.set_lean``) runs the module's training form through the recomputing
-    functions of ``ops.recompute`` (about 2x less activation memory, a few % more compute). They apply while
-    gradients are recorded and the model is not being compiled (the compiler plans its own recomputation)."""
-    lean = True
+    """Mixin: ``lean`` (default True; ``OverLoCK.set_lean``) runs the module's training form through the recomputing
+    functions of ``ops.recompute`` (about 2x less activation memory, a few % more compute; 'max' also recomputes
+    the MLPs' first 1x1 conv instead of keeping its output). They apply while gradients are recorded and the model
+    is not being compiled (the compiler plans its own recomputation)."""
+    lean: Union[bool, str] = True
 
     def recompute(self) -> bool:
         return self.lean and torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -91,16 +92,18 @@ def _conv1x1(m: nn.Module) -> bool:
         and m.padding == (0, 0)
 
 
-def mlp(seq: Sequence[nn.Module], x: torch.Tensor, lean: bool, se: Optional['SEModule'] = None) -> torch.Tensor:
+def mlp(seq: Sequence[nn.Module], x: torch.Tensor, lean: bool, se: Optional['SEModule'] = None,
+        keep_hidden: bool = True) -> torch.Tensor:
     """The MLP chain [1x1 conv, GELU, ResDWConv, GRN, 1x1 conv], after ``se`` if given: when ``lean``, one
-    recomputing function that keeps x and one hidden map instead of the scaled x and four hidden maps."""
+    recomputing function that keeps x and one hidden map (none without ``keep_hidden``) instead of the scaled x and
+    four hidden maps."""
     conv1, act, dw, norm, conv2 = seq
     if not lean or act.approximate != 'none':
         return conv2(norm(dw(act(conv1(x if se is None else se(x))))))
     residual = torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64)
     wdw = dw.weight if residual else dw.weight + dw.centre
     return conv_mlp(x, conv1.weight, conv1.bias, wdw, dw.bias, norm.gamma, norm.beta, conv2.weight, conv2.bias,
-                    residual, scale=None if se is None else se.proj(x))
+                    residual, scale=None if se is None else se.proj(x), keep_hidden=keep_hidden)
 
 
 def layer_norm(dim: int) -> nn.Module:
@@ -256,7 +259,7 @@ class RepConvBlock(Lean, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
         p = self.proj
-        y = p[9](mlp(p[4:9], p[2](p[1](x, norm=p[0])), self.recompute(), se=p[3]))  # p[3]: SE, p[4:9]: MLP
+        y = p[9](mlp(p[4:9], p[2](p[1](x, norm=p[0])), self.recompute(), p[3], self.lean != 'max'))  # SE, MLP
         return add_into(y, self.ls(x))
 
 
@@ -393,7 +396,8 @@ class DynamicConvBlock(Lean, nn.Module):
             y = self.proj(gate * self.se_layer(y))
         z = add_into(self.ls1(identity), self.drop_path(y))
         z = self.dwconv2(z)
-        z = add_into(self.ls2(z), self.drop_path(mlp(self.mlp, self.norm2(z), self.recompute())))
+        y = mlp(self.mlp, self.norm2(z), self.recompute(), keep_hidden=self.lean != 'max')
+        z = add_into(self.ls2(z), self.drop_path(y))
         if self.is_last:
             return z
         return z[:, :self.dim], z[:, self.dim:]

@@ -95,7 +95,7 @@ class OverLoCK(nn.Module):
         deploy: build the re-parameterised form directly (to load ``*_reparam`` checkpoints).
         use_context: False feeds the Focus-Net a zero context (ablation "without Overview-Net context").
         mixer: 'contmix' or 'static' (ablation: ContMix replaced by a static depth-wise K x K conv).
-        lean: memory-lean training form (see ``set_lean``); False trains through the plain modules.
+        lean: memory-lean training form (see ``set_lean``): True, 'max' or False (the plain modules).
         **arch_overrides: any key of the variant table (depths, sub_depths, dims, kernel_sizes, smk_size,
             sub_num_heads, mlp_ratio, sub_mlp_ratio, ls_init_values, projection).
     """
@@ -104,7 +104,7 @@ class OverLoCK(nn.Module):
                  global_pool: str = 'avg', drop_rate: float = 0., drop_path_rate: float = 0., aux_head: bool = False,
                  dense: Optional[str] = None, out_indices: Sequence[int] = (0, 1, 2, 3), deploy: bool = False,
                  use_context: bool = True, mixer: str = 'contmix', grad_checkpointing: bool = False,
-                 lean: bool = True, **arch_overrides):
+                 lean: Union[bool, str] = True, **arch_overrides):
         super().__init__()
         if dense not in (None, 'det', 'seg'):
             raise ValueError(f"dense must be None, 'det' or 'seg', got {dense!r}")
@@ -195,10 +195,14 @@ class OverLoCK(nn.Module):
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def set_lean(self, enable: bool = True) -> None:
+    def set_lean(self, enable: Union[bool, str] = True) -> None:
         """Memory-lean training form (default on): BatchNorm branches, the MLP chains, the gated output projection and
         BatchNorm + activation pairs keep one input map each and recompute the rest in the backward (about half
-        the activation memory of plain autograd, a few % more compute; results are identical). Off: plain modules."""
+        the activation memory of plain autograd, a few % more compute; results are identical). 'max': the MLPs keep
+        no hidden-width map either and run their first 1x1 conv again (a quarter less again, ~5% more time; results
+        identical). False: plain modules."""
+        if enable not in (True, False, 'max'):
+            raise ValueError(f"lean must be True, False or 'max', got {enable!r}")
         for m in self.modules():
             if isinstance(m, Lean):
                 m.lean = enable

@@ -13,8 +13,9 @@ memory about 3x ConvNeXt-T's. Here the backward recomputes them from what is kep
 * ``dw_bn_act_conv``: conv1x1(GELU(BN(DW3x3(x)))) (the Focus-Net fusion chain) keeps x, not also the BatchNorm
   input and the GELU output.
 * ``conv_mlp``: keeps the chain's input (before the block's squeeze-excitation scale) and one hidden map, the GELU
-  input (ConvNeXt's MLP keeps two); the GELU output and the 3x3 depth-wise conv are recomputed, and the GRN output
-  is never formed again (the last 1x1 conv's weight gradient comes from the GRN input and its per-image scale).
+  input (ConvNeXt's MLP keeps two), or none (``keep_hidden=False``: the first 1x1 conv runs again); the GELU output
+  and the 3x3 depth-wise conv are recomputed, and the GRN output is never formed again (the last 1x1 conv's weight
+  gradient comes from the GRN input and its per-image scale).
 
 All are exact (float64 gradcheck in the tests) and update the BatchNorm running statistics once, as the modules
 do. They run with autocast off, in the autocast dtype when it is on (BatchNorm statistics and GRN norms in fp32).
@@ -298,7 +299,7 @@ class _ConvMLP(torch.autograd.Function):
         return u, (h3.add_(u) if residual else h3)  # residual: the identity not folded into the kernel (autocast)
 
     @staticmethod
-    def forward(ctx, x, scale, w1, b1, wdw, bdw, gamma, beta, w2, b2, residual, eps):
+    def forward(ctx, x, scale, w1, b1, wdw, bdw, gamma, beta, w2, b2, residual, eps, keep_hidden):
         ctx.fmt_in = _format(x)
         # on the CPU the chain runs channels-last (oneDNN: fwd+bwd 5-10% faster at 224, 1.7x on 200x320 maps,
         # conversions of the narrow input and output included); the hidden maps follow x's layout
@@ -308,16 +309,18 @@ class _ConvMLP(torch.autograd.Function):
         u, h3 = _ConvMLP._hidden(h1, wdw, bdw, residual)
         del u
         h4, gx, mean = grn_forward(h3, gamma, beta, eps, inplace=True)  # h3 is not needed again
-        ctx.save_for_backward(x, scale, w1, h1, wdw, bdw, gamma, beta, gx, mean, w2)
+        ctx.save_for_backward(x, scale, w1, b1, h1 if keep_hidden else None, wdw, bdw, gamma, beta, gx, mean, w2)
         ctx.residual, ctx.fmt = residual, fmt
         return F.conv2d(h4, w2, b2).contiguous(memory_format=ctx.fmt_in)
 
     @staticmethod
     def backward(ctx, g):
         # ordered so that at most three hidden-width maps are alive at once
-        x, scale, w1, h1, wdw, bdw, gamma, beta, gx, mean, w2 = ctx.saved_tensors
+        x, scale, w1, b1, h1, wdw, bdw, gamma, beta, gx, mean, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
         g = g.contiguous(memory_format=ctx.fmt)
+        if h1 is None:  # not kept (keep_hidden=False): the first 1x1 conv again, bit for bit the forward's
+            h1 = F.conv2d(x if scale is None else x * scale, w1, b1)
         u, h3 = _ConvMLP._hidden(h1, wdw, bdw, ctx.residual)  # recomputed: one 3x3 depth-wise conv
         gw2, gb2 = _grn_conv1x1_params_grad(g, h3, grn_scale(gamma, gx, mean).to(h3.dtype), beta)
         gw2, gb2 = gw2 if need[8] else None, gb2 if need[9] else None
@@ -340,17 +343,18 @@ class _ConvMLP(torch.autograd.Function):
             gscale = (gx_ * x).sum((2, 3), keepdim=True) if need[1] else None
             gx_ = gx_.mul_(scale) if need[0] else None
         gx_ = gx_.contiguous(memory_format=ctx.fmt_in) if gx_ is not None else None
-        return gx_, gscale, gw1, gb1, gwdw, gbdw, ggamma, gbeta, gw2, gb2, None, None
+        return gx_, gscale, gw1, gb1, gwdw, gbdw, ggamma, gbeta, gw2, gb2, None, None, None
 
 
 def conv_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], wdw: torch.Tensor,
              bdw: Optional[torch.Tensor], gamma: torch.Tensor, beta: torch.Tensor, w2: torch.Tensor,
              b2: Optional[torch.Tensor], residual: bool, eps: float = 1e-6,
-             scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+             scale: Optional[torch.Tensor] = None, keep_hidden: bool = True) -> torch.Tensor:
     """conv1x1(w2) . GRN . [u +] DW3x3(wdw)(u), u = GELU(conv1x1(w1)(x [* scale])); ``residual`` adds u after the
     depth-wise conv (otherwise wdw already holds the identity in its centre tap); ``scale`` (N, C, 1, 1), the
-    squeeze-excitation gate of the block, is applied inside so that x, not the scaled map, is kept."""
+    squeeze-excitation gate of the block, is applied inside so that x, not the scaled map, is kept.
+    ``keep_hidden=False`` keeps no hidden-width map at all: the first 1x1 conv runs again in the backward."""
     dev = x.device.type
     x, scale, w1, b1, wdw, bdw, w2, b2 = autocast_args(dev, x, scale, w1, b1, wdw, bdw, w2, b2)
     with torch.autocast(dev, enabled=False):
-        return _ConvMLP.apply(x, scale, w1, b1, wdw, bdw, gamma, beta, w2, b2, residual, eps)
+        return _ConvMLP.apply(x, scale, w1, b1, wdw, bdw, gamma, beta, w2, b2, residual, eps, keep_hidden)
