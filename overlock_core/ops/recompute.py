@@ -46,6 +46,15 @@ def _ln2d(x, weight, bias, eps):
     return y.permute(0, 3, 1, 2), mean, rstd
 
 
+def _scratch(buffers: dict, like: torch.Tensor) -> torch.Tensor:
+    """A buffer shaped and laid out like ``like``, one per layout, reused within one call (no fresh map, and
+    none of its page faults, per branch)."""
+    key = like.is_contiguous()
+    if key not in buffers:
+        buffers[key] = torch.empty_like(like)
+    return buffers[key]
+
+
 class _BranchSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dilations, bn_args, ln_eps, dtype, *params):
@@ -55,11 +64,17 @@ class _BranchSum(torch.autograd.Function):
         if ln_eps is not None:  # the LayerNorm before the block, in x's dtype; its output is not kept
             u, *ln_stats = _ln2d(x, *ln, ln_eps)
             u = u.to(dtype)
-        out, stats, layouts = None, [], {}
+        out, stats, layouts, scratch = None, [], {}, {}
         for w, d, (rm, rv, momentum, eps), gamma, beta in zip(weights, dilations, bn_args, gammas, betas):
             z = _conv(_laid_out(u, w, d, layouts), w, None, d)
-            y, mean, invstd = torch.ops.aten.native_batch_norm(z, gamma, beta, rm, rv, True, momentum, eps)
-            out = y if out is None else out.add_(y)
+            if out is None:
+                out, mean, invstd = torch.ops.aten.native_batch_norm(z, gamma, beta, rm, rv, True, momentum, eps)
+            else:  # the other branches' outputs go through one reused buffer into the sum
+                mean, invstd = stats[0].new_empty(stats[0].shape), stats[1].new_empty(stats[1].shape)
+                y = torch.ops.aten.native_batch_norm.out(z, gamma, beta, rm, rv, True, momentum, eps,
+                                                         out=_scratch(scratch, z), save_mean=mean,
+                                                         save_invstd=invstd)[0]
+                out.add_(y)
             stats += [mean, invstd]
         ctx.save_for_backward(x, *weights, *gammas, *stats, *ln, *ln_stats)
         ctx.dilations, ctx.eps, ctx.ln_eps, ctx.dtype = dilations, [a[3] for a in bn_args], ln_eps, dtype
@@ -74,12 +89,13 @@ class _BranchSum(torch.autograd.Function):
         has_ln = ctx.ln_eps is not None
         need_x = need[0] or (has_ln and (need[5 + 3 * n] or need[6 + 3 * n]))  # the LayerNorm's grads need it too
         u = x if not has_ln else _ln2d(x, ln[0], ln[1], ctx.ln_eps)[0].to(ctx.dtype)  # recomputed
-        grad_x, grads_w, grads_g, grads_b, layouts = None, [], [], [], {}
+        grad_x, grads_w, grads_g, grads_b, layouts, scratch = None, [], [], [], {}, {}
         spectral = SpectralGrads(u, weights, ctx.dilations) if SpectralGrads.use(u) else None
         for i, (w, d, gamma, eps) in enumerate(zip(weights, ctx.dilations, gammas, ctx.eps)):
             z = _conv(_laid_out(u, w, d, layouts), w, None, d)  # the one recomputed map
-            gz, gg, gb = torch.ops.aten.native_batch_norm_backward(
-                g, z, gamma, None, None, stats[2 * i], stats[2 * i + 1], True, eps, [True, True, True])
+            gz, gg, gb = torch.ops.aten.native_batch_norm_backward.out(  # gz: a buffer reused by every branch
+                g, z, gamma, None, None, stats[2 * i], stats[2 * i + 1], True, eps, [True, True, True],
+                out0=_scratch(scratch, z), out1=torch.empty_like(gamma), out2=torch.empty_like(gamma))
             del z
             if spectral is not None:  # large maps: all branches' gradients in frequency space
                 gw = spectral.add(w, d, gz, (need_x, need[5 + i]))
