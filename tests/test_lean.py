@@ -301,15 +301,3 @@ def test_lean_max_recomputes_the_hidden_map_bit_for_bit():
     assert _saved_bytes(big, x) < 0.9 * kept  # 0.83 here; OverLoCK-T at 224, batch 8: 949 -> 699 MiB
     with pytest.raises(ValueError, match='lean must be'):
         model.set_lean('yes')
-
-
-@pytest.mark.parametrize('size,keeps', [(16, True), (32, False)])
-def test_lean_mlp_keeps_its_hidden_map_only_on_small_maps(size, keeps):
-    """lean=True keeps the MLP's hidden map below 32x32 pixels and recomputes it from there on (where memory binds):
-    there it keeps as little as lean='max'."""
-    block = RepConvBlock(8, 7, ls_init_value=1.0).train()
-    x = torch.randn(2, 8, size, size)
-    kept = _saved_bytes(block, x)
-    block.lean = 'max'
-    hidden = 2 * 32 * size * size * 4  # (N, 4C, H, W) fp32
-    assert kept - _saved_bytes(block, x) == (hidden if keeps else 0)

@@ -35,8 +35,8 @@ def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 class Lean:
     """Mixin: ``lean`` (default True; ``OverLoCK.set_lean``) runs the module's training form through the recomputing
     functions of ``ops.recompute`` (about 2x less activation memory, a few % more compute; 'max' also recomputes
-    the first 1x1 conv of every MLP, not only on large maps, instead of keeping its output). They apply while
-    gradients are recorded and the model is not being compiled (the compiler plans its own recomputation)."""
+    the MLPs' first 1x1 conv instead of keeping its output). They apply while gradients are recorded and the model
+    is not being compiled (the compiler plans its own recomputation)."""
     lean: Union[bool, str] = True
 
     def recompute(self) -> bool:
@@ -92,23 +92,18 @@ def _conv1x1(m: nn.Module) -> bool:
         and m.padding == (0, 0)
 
 
-KEEP_HIDDEN_BELOW = 32 * 32  # lean=True: MLPs on maps of fewer pixels keep their hidden map, larger ones recompute it
-
-
 def mlp(seq: Sequence[nn.Module], x: torch.Tensor, lean: bool, se: Optional['SEModule'] = None,
         keep_hidden: bool = True) -> torch.Tensor:
     """The MLP chain [1x1 conv, GELU, ResDWConv, GRN, 1x1 conv], after ``se`` if given: when ``lean``, one
-    recomputing function that keeps x and one hidden map instead of the scaled x and four hidden maps. On maps of
-    ``KEEP_HIDDEN_BELOW`` pixels or more (stage 1 at 224, stages 1-3 at detection sizes: where memory binds), or
-    always without ``keep_hidden``, no hidden map is kept and the first 1x1 conv runs again in the backward."""
+    recomputing function that keeps x and one hidden map (none without ``keep_hidden``) instead of the scaled x and
+    four hidden maps."""
     conv1, act, dw, norm, conv2 = seq
     if not lean or act.approximate != 'none':
         return conv2(norm(dw(act(conv1(x if se is None else se(x))))))
     residual = torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64)
     wdw = dw.weight if residual else dw.weight + dw.centre
     return conv_mlp(x, conv1.weight, conv1.bias, wdw, dw.bias, norm.gamma, norm.beta, conv2.weight, conv2.bias,
-                    residual, scale=None if se is None else se.proj(x),
-                    keep_hidden=keep_hidden and x.shape[-2] * x.shape[-1] < KEEP_HIDDEN_BELOW)
+                    residual, scale=None if se is None else se.proj(x), keep_hidden=keep_hidden)
 
 
 def layer_norm(dim: int) -> nn.Module:

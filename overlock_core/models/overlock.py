@@ -198,9 +198,9 @@ class OverLoCK(nn.Module):
     def set_lean(self, enable: Union[bool, str] = True) -> None:
         """Memory-lean training form (default on): BatchNorm branches, the MLP chains, the gated output projection and
         BatchNorm + activation pairs keep one input map each and recompute the rest in the backward (about half
-        the activation memory of plain autograd, a few % more compute; results are identical); MLPs on maps of 32x32
-        or more keep no hidden-width map and run their first 1x1 conv again. 'max': every MLP does (at 224 a quarter
-        less kept than True, ~5% more time; results identical). False: plain modules."""
+        the activation memory of plain autograd, a few % more compute; results are identical). 'max': the MLPs keep
+        no hidden-width map either and run their first 1x1 conv again (a quarter less again, ~5% more time; results
+        identical). False: plain modules."""
         if enable not in (True, False, 'max'):
             raise ValueError(f"lean must be True, False or 'max', got {enable!r}")
         for m in self.modules():
