@@ -173,6 +173,21 @@ def test_dense_outputs(dense):
     assert (m.h_proj is not None) == (dense == 'det') and len(m.extra_norm) == (5 if dense == 'det' else 4)
 
 
+def test_cpu_stem_runs_channels_last_and_hands_on_the_input_layout():
+    """The CPU stem runs channels-last (a kernel choice): the stage-1 input keeps the caller's layout and equals the
+    stem run in NCHW up to rounding, in the forward and the backward."""
+    m = OverLoCK('test', num_classes=3).train()
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    fast = m._stem(x)
+    plain = m.patch_embed1(x)
+    assert fast.is_contiguous() and not fast.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(fast)
+    torch.testing.assert_close(torch.autograd.grad(fast, x, g)[0], torch.autograd.grad(plain, x, g)[0],
+                               rtol=1e-4, atol=1e-4)
+    assert m._stem(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+
+
 def test_det_adds_overview_projection_to_last_map():
     m = OverLoCK('test', dense='det').eval()
     x = torch.randn(1, 3, 64, 64)
