@@ -39,8 +39,9 @@ class Lean:
     is not being compiled (the compiler plans its own recomputation)."""
     lean: Union[bool, str] = True
 
-    def recompute(self) -> bool:
-        return self.lean and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    def recompute(self) -> Union[bool, str]:
+        """The lean level in effect now (True, 'max'), or False."""
+        return self.lean if torch.is_grad_enabled() and not torch.compiler.is_compiling() else False
 
 
 def plain_bn(bn: nn.Module) -> bool:
@@ -92,10 +93,10 @@ def _conv1x1(m: nn.Module) -> bool:
         and m.padding == (0, 0)
 
 
-def mlp(seq: Sequence[nn.Module], x: torch.Tensor, lean: bool, se: Optional['SEModule'] = None,
-        keep_hidden: bool = True) -> torch.Tensor:
+def mlp(seq: Sequence[nn.Module], x: torch.Tensor, lean: Union[bool, str],
+        se: Optional['SEModule'] = None) -> torch.Tensor:
     """The MLP chain [1x1 conv, GELU, ResDWConv, GRN, 1x1 conv], after ``se`` if given: when ``lean``, one
-    recomputing function that keeps x and one hidden map (none without ``keep_hidden``) instead of the scaled x and
+    recomputing function that keeps x and one hidden map (none when ``lean`` is 'max') instead of the scaled x and
     four hidden maps."""
     conv1, act, dw, norm, conv2 = seq
     if not lean or act.approximate != 'none':
@@ -103,7 +104,7 @@ def mlp(seq: Sequence[nn.Module], x: torch.Tensor, lean: bool, se: Optional['SEM
     residual = torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64)
     wdw = dw.weight if residual else dw.weight + dw.centre
     return conv_mlp(x, conv1.weight, conv1.bias, wdw, dw.bias, norm.gamma, norm.beta, conv2.weight, conv2.bias,
-                    residual, scale=None if se is None else se.proj(x), keep_hidden=keep_hidden)
+                    residual, scale=None if se is None else se.proj(x), keep_hidden=lean != 'max')
 
 
 def layer_norm(dim: int) -> nn.Module:
@@ -259,7 +260,7 @@ class RepConvBlock(Lean, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
         p = self.proj
-        y = p[9](mlp(p[4:9], p[2](p[1](x, norm=p[0])), self.recompute(), p[3], self.lean != 'max'))  # SE, MLP
+        y = p[9](mlp(p[4:9], p[2](p[1](x, norm=p[0])), self.recompute(), se=p[3]))  # p[3]: SE, p[4:9]: MLP
         return add_into(y, self.ls(x))
 
 
@@ -396,8 +397,7 @@ class DynamicConvBlock(Lean, nn.Module):
             y = self.proj(gate * self.se_layer(y))
         z = add_into(self.ls1(identity), self.drop_path(y))
         z = self.dwconv2(z)
-        y = mlp(self.mlp, self.norm2(z), self.recompute(), keep_hidden=self.lean != 'max')
-        z = add_into(self.ls2(z), self.drop_path(y))
+        z = add_into(self.ls2(z), self.drop_path(mlp(self.mlp, self.norm2(z), self.recompute())))
         if self.is_last:
             return z
         return z[:, :self.dim], z[:, self.dim:]
