@@ -301,3 +301,22 @@ def test_lean_max_recomputes_the_hidden_map_bit_for_bit():
     assert _saved_bytes(big, x) < 0.9 * kept  # 0.83 here; OverLoCK-T at 224, batch 8: 949 -> 699 MiB
     with pytest.raises(ValueError, match='lean must be'):
         model.set_lean('yes')
+
+
+def test_dense_backbones_default_to_lean_max():
+    """Backbones for det/seg (timm ``features_only``, ``OverLoCKBackbone``) keep no hidden MLP map by default, where
+    activation memory binds; classifiers keep lean=True, and an explicit ``lean`` wins."""
+    import timm
+
+    import overlock_core.mm  # noqa: F401  (registers OverLoCKBackbone)
+    from mmengine.registry import MODELS
+    from overlock_core.models.layers import Lean
+
+    def leans(m):
+        return {x.lean for x in m.modules() if isinstance(x, Lean)}
+
+    assert leans(timm.create_model('test_overlock')) == {True}
+    assert leans(timm.create_model('test_overlock', features_only=True)) == {'max'}
+    assert leans(timm.create_model('test_overlock', features_only=True, lean=True)) == {True}
+    assert leans(MODELS.build(dict(type='OverLoCKBackbone', arch='test', dense='seg'))) == {'max'}
+    assert leans(MODELS.build(dict(type='OverLoCKBackbone', arch='test', dense='det', lean=False))) == {False}

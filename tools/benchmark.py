@@ -8,7 +8,7 @@ with the models alternating; each figure is the median over those processes of e
 (measured before the first step: glibc keeps much of a step's memory afterwards, and a baseline taken then hides a
 varying part of the peak); CUDA peak memory is torch.cuda.max_memory_allocated above the same point.
   infer: eval, no grad, deploy (re-parameterised) form for OverLoCK;  train: forward + backward, training form
-  (OverLoCK's memory-lean form unless --no-lean).
+  (OverLoCK's memory-lean form unless --no-lean; lean=True for classifiers, 'max' with --backbone).
 
   python tools/benchmark.py                                   # 224x224, batch 8, CPU, 2 threads
   python tools/benchmark.py --size 800 1280 --batch 1 --modes train --backbone
@@ -87,7 +87,7 @@ def run_model(a: Dict) -> Dict:
     kw = {}
     if a['backbone']:
         kw = dict(features_only=True, out_indices=(0, 1, 2, 3))
-    if a.get('lean', True) is not True and a['model'].startswith('overlock'):
+    if a.get('lean') is not None and a['model'].startswith('overlock'):  # None: the model's default
         kw['lean'] = a['lean']
     model = timm.create_model(a['model'], **kw).to(dev)
     if a.get('grad_checkpointing'):
@@ -196,7 +196,9 @@ def main(argv=None):
     ap.add_argument('--grad-checkpointing', action='store_true',
                     help='recompute each block in the backward (timm set_grad_checkpointing): memory for time')
     lean = ap.add_mutually_exclusive_group()
-    lean.add_argument('--no-lean', dest='lean', action='store_const', const=False, default=True,
+    lean.add_argument('--lean', dest='lean', action='store_const', const=True, default=None,
+                      help="OverLoCK with lean=True, the classifier's default (--backbone defaults to 'max')")
+    lean.add_argument('--no-lean', dest='lean', action='store_const', const=False,
                       help="OverLoCK's training form through plain modules (no recomputation; more memory)")
     lean.add_argument('--lean-max', dest='lean', action='store_const', const='max',
                       help="OverLoCK with lean='max' (the MLPs keep no hidden map: less memory, more time)")
@@ -243,7 +245,7 @@ def main(argv=None):
               f"{', channels_last' if args.channels_last else ''}{', backbone only' if args.backbone else ''}"
               f"{', gradient checkpointing' if args.grad_checkpointing else ''}"
               f"{', OverLoCK without recomputation (--no-lean)' if args.lean is False else ''}"
-              f"{', OverLoCK lean=max' if args.lean == 'max' else ''}")
+              f"{', OverLoCK lean=max' if args.lean == 'max' else ''}{', OverLoCK lean=True' if args.lean is True else ''}")
         print(f"{'model':18}{'mode':7}{'ms/step':>10}{'img/s':>9}{'peak MiB':>10}{'params M':>10}{'spread':>10}")
         results: Dict = {}
         for _ in range(args.repeats):  # models alternate, so a slow spell of the machine hits each of them
@@ -263,7 +265,8 @@ def main(argv=None):
             times = [r['seconds'] for r in ok]
             r = dict(model=model, mode=mode, size=[h, w], seconds=statistics.median(times),
                      peak_mib=statistics.median(r['peak_mib'] for r in ok), params_m=ok[0]['params_m'],
-                     runs=[r['seconds'] for r in ok], profile=ok[0].get('profile'))
+                     runs=[r['seconds'] for r in ok], peak_runs=[r['peak_mib'] for r in ok],
+                     profile=ok[0].get('profile'))
             r['images_per_s'] = args.batch / r['seconds']
             rows.append(r)
             spread = (max(times) - min(times)) / r['seconds'] * 100

@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from overlock_core.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_weights
 from overlock_core.models import OverLoCK
+from overlock_core.models.overlock import DENSE_LEAN
 
 __all__ = ['OverLoCKBackbone', 'load_backbone_weights']
 
@@ -91,7 +92,8 @@ class OverLoCKBackbone(OverLoCK):
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH, prefix=None, use_ema=False)``; see the module
             docstring (``use_ema`` picks ``state_dict_ema`` of a timm/our classification checkpoint).
         pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``.
-        **kwargs: further :class:`OverLoCK` arguments (``kernel_sizes``, ``use_context``, ``mixer``, ``lean``, ...).
+        **kwargs: further :class:`OverLoCK` arguments (``kernel_sizes``, ``use_context``, ``mixer``, ...);
+            ``lean`` defaults to ``DENSE_LEAN`` ('max': no hidden MLP map kept at dense sizes).
     """
 
     def __init__(self, arch: Union[str, dict] = 't', dense: str = 'det', out_indices: Sequence[int] = (0, 1, 2, 3),
@@ -112,6 +114,7 @@ class OverLoCKBackbone(OverLoCK):
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         if init_cfg is not None and not isinstance(init_cfg, dict):
             raise TypeError(f'init_cfg must be a dict or None, got {type(init_cfg).__name__}')
+        kwargs.setdefault('lean', DENSE_LEAN)
         super().__init__(arch, num_classes=0, dense=dense, out_indices=out_indices, drop_path_rate=drop_path_rate,
                          **kwargs)
         self.arch_name = arch
