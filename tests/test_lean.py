@@ -165,27 +165,33 @@ def test_bn_branch_sum_with_layer_norm():
     assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize('residual,scaled,c,h,w', [(False, False, 3, 5, 6), (True, True, 3, 5, 6),
-                                                    (True, False, 16, 2, 2)])  # last: one-matmul weight gradient
-def test_conv_mlp_gradcheck(residual, scaled, c, h, w):
+@pytest.mark.parametrize('residual,scaled,c,h,w,grouped', [
+    (False, False, 3, 5, 6, False), (True, True, 3, 5, 6, False),
+    (True, False, 16, 2, 2, False),  # the one-matmul weight gradient
+    (False, True, 3, 5, 6, True), (True, False, 3, 5, 6, True)])  # images in groups of 2 and 1 (CPU cache path)
+def test_conv_mlp_gradcheck(residual, scaled, c, h, w, grouped, monkeypatch):
     """[x * scale,] 1x1 conv, GELU, [u +] DW3x3, GRN, 1x1 conv, keeping x and one hidden map: exact against the
-    composite."""
-    from overlock_core.ops import grn
-    hid = 5
+    composite, also when the batch runs through the chain in groups of images."""
+    from overlock_core.ops import grn, recompute
+    hid, n = 5, 3
+    if grouped:  # a budget of two images' hidden maps
+        monkeypatch.setattr(recompute, 'CHAIN_BYTES', 2 * hid * h * w * 8)
     params = (_leaf(hid, c, 1, 1), _leaf(hid), _leaf(hid, 1, 3, 3), _leaf(hid), _leaf(1, hid, 1, 1),
               _leaf(1, hid, 1, 1), _leaf(c, hid, 1, 1), _leaf(c))
-    x, scale = _leaf(2, c, h, w), (_leaf(2, c, 1, 1) if scaled else None)
+    x, scale = _leaf(n, c, h, w), (_leaf(n, c, 1, 1) if scaled else None)
+    assert len(recompute._image_groups(x, hid)) == (2 if grouped else 1)
 
     def composite(x, w1, b1, wdw, bdw, gamma, beta, w2, b2):
         u = nn.functional.gelu(nn.functional.conv2d(x if scale is None else x * scale, w1, b1))
         h = nn.functional.conv2d(u, wdw, bdw, padding=1, groups=hid) + (u if residual else 0)
         return nn.functional.conv2d(grn(h, gamma, beta), w2, b2)
 
-    out = conv_mlp(x, *params, residual=residual, scale=scale)
+    keep = not (grouped and residual)  # one grouped case keeps no hidden map (lean='max')
+    out = conv_mlp(x, *params, residual=residual, scale=scale, keep_hidden=keep)
     torch.testing.assert_close(out, composite(x, *params), rtol=0, atol=1e-12)
     inputs = (x, *params) + ((scale,) if scaled else ())
     assert torch.autograd.gradcheck(
-        lambda *t: conv_mlp(*t[:9], residual=residual, scale=t[9] if scaled else None), inputs)
+        lambda *t: conv_mlp(*t[:9], residual=residual, scale=t[9] if scaled else None, keep_hidden=keep), inputs)
 
 
 def test_gated_bn_conv_gradcheck():
