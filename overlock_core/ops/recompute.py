@@ -378,8 +378,10 @@ class _ConvMLP(torch.autograd.Function):
     @staticmethod
     def _backward(g, x, scale, w1, b1, h1, wdw, bdw, gamma, beta, gx, mean, w2, residual, need):
         # ordered so that at most three hidden-width maps are alive at once
+        xs = None
         if h1 is None:  # not kept (keep_hidden=False): the first 1x1 conv again, bit for bit the forward's
-            h1 = F.conv2d(x if scale is None else x * scale, w1, b1)
+            xs = x if scale is None else x * scale  # narrow: kept for the weight gradient below
+            h1 = F.conv2d(xs, w1, b1)
         u, h3 = _ConvMLP._hidden(h1, wdw, bdw, residual)  # recomputed: one 3x3 depth-wise conv
         gw2, gb2 = _grn_conv1x1_params_grad(g, h3, grn_scale(gamma, gx, mean).to(h3.dtype), beta)
         g4 = F.conv2d(g, w2.transpose(0, 1))  # input gradient of the 1x1 conv
@@ -393,7 +395,8 @@ class _ConvMLP(torch.autograd.Function):
         del g3
         g1 = torch.ops.aten.gelu_backward.grad_input(gu, h1, grad_input=gu)  # in place: no fresh hidden map
         del gu
-        xs = x if scale is None else x * scale  # recomputed
+        if xs is None:
+            xs = x if scale is None else x * scale  # recomputed
         gx_, gw1, gb1 = _conv1x1_backward(g1, xs, w1, (need[0] or need[1], need[2], need[3]))
         del xs
         gscale = None
