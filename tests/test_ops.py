@@ -137,7 +137,7 @@ def test_spectral_grads_match_autograd(h, w, specs):
     out = sum((torch.nn.functional.conv2d(x, wt, padding=d * (wt.shape[-1] // 2), dilation=d, groups=4) * g).sum()
               for wt, (_, d), g in zip(ws, specs, gs))
     want = torch.autograd.grad(out, [x, *ws])
-    spectral = SpectralGrads(x.detach(), ws, [d for _, d in specs])
+    spectral = SpectralGrads(x.detach(), [k for k, _ in specs], [d for _, d in specs])
     got = [spectral.add(wt.detach(), d, g, (True, True)) for wt, (_, d), g in zip(ws, specs, gs)]
     torch.testing.assert_close(spectral.input_grad(), want[0], rtol=0, atol=1e-11)
     for a, b in zip(got, want[1:]):

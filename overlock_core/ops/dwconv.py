@@ -67,10 +67,8 @@ def dw_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilati
         out = F.conv2d(x.reshape(1, b * c, h, w), grad.reshape(b * c, 1, h, w), padding=pad, stride=dilation,
                        groups=b * c)
         return out.reshape(b, c, kernel_size, kernel_size).sum(0).unsqueeze(1)
-    size = (h + pad, w + pad)  # long enough that lags -pad..pad do not wrap onto the map
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    spec = torch.fft.rfft2(x.to(dtype), s=size) * torch.fft.rfft2(grad.to(dtype), s=size).conj()
-    return _taps(torch.fft.irfft2(spec.sum(0), s=size), kernel_size, dilation)
+    spectral = SpectralGrads(x, [kernel_size], [dilation])  # a cross-correlation through torch.fft
+    return spectral.kernel_grad(spectral.rfft(grad), kernel_size, dilation)
 
 
 def _lags(kernel_size: int, dilation: int, size: Tuple[int, int], device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -107,19 +105,27 @@ class SpectralGrads:
     of the summed input gradient. In at least fp32. ``use(x)``: where it beats the per-branch methods (CPU, maps
     over 16x16)."""
 
-    def __init__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], dilations: Sequence[int]):
-        pad = max(d * (w.shape[-1] - 1) // 2 for w, d in zip(weights, dilations))
+    def __init__(self, x: torch.Tensor, kernel_sizes: Sequence[int], dilations: Sequence[int]):
+        pad = max(d * (k - 1) // 2 for k, d in zip(kernel_sizes, dilations))
         self.shape, self.dtype = x.shape, x.dtype
         self.size = (_smooth(x.shape[-2] + pad), _smooth(x.shape[-1] + pad))
         self.acc = torch.promote_types(x.dtype, torch.float32)
         # one zero-padded buffer for every transform (the padding stays zero): no fresh map per branch
         self.buf = x.new_zeros(*x.shape[:2], *self.size, dtype=self.acc)
-        self.fx = self._rfft(x).conj().resolve_conj()  # conjugated once, not per branch
+        self.fx = self.rfft(x).conj().resolve_conj()  # conjugated once, not per branch
         self.gx = None
 
-    def _rfft(self, t: torch.Tensor) -> torch.Tensor:
+    def rfft(self, t: torch.Tensor) -> torch.Tensor:
         self.buf[..., :t.shape[-2], :t.shape[-1]].copy_(t)
         return torch.fft.rfft2(self.buf)
+
+    def kernel_grad(self, spec: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
+        """(C, 1, K, K) kernel gradient from an output gradient's transform ``spec``, in at least fp32."""
+        prod = self.fx[0] * spec[0]
+        for n in range(1, spec.shape[0]):  # summed over the batch image by image: no (N, C, ...) product
+            prod.addcmul_(self.fx[n], spec[n])
+        corr = torch.fft.irfft2(prod, s=self.size)  # lags negated: sum x[i, j] g[i + u, j + v]
+        return _taps(corr, kernel_size, dilation).flip(2, 3)
 
     @staticmethod
     def use(x: torch.Tensor) -> bool:
@@ -128,14 +134,8 @@ class SpectralGrads:
     def add(self, weight: torch.Tensor, dilation: int, grad: torch.Tensor, mask: Tuple[bool, bool]):
         """Takes branch (weight, dilation)'s output gradient; returns its kernel gradient if mask[1] asks for it and
         accumulates its input gradient if mask[0] does."""
-        spec = self._rfft(grad)
-        grad_w = None
-        if mask[1]:
-            prod = self.fx[0] * spec[0]
-            for n in range(1, spec.shape[0]):  # summed over the batch image by image: no (N, C, ...) product
-                prod.addcmul_(self.fx[n], spec[n])
-            corr = torch.fft.irfft2(prod, s=self.size)  # lags negated: sum x[i, j] g[i + u, j + v]
-            grad_w = _taps(corr, weight.shape[-1], dilation).flip(2, 3).to(weight.dtype)
+        spec = self.rfft(grad)
+        grad_w = self.kernel_grad(spec, weight.shape[-1], dilation).to(weight.dtype) if mask[1] else None
         if mask[0]:
             kernel = weight.new_zeros(weight.shape[0], *self.size, dtype=self.acc)
             rows, cols = _lags(weight.shape[-1], dilation, self.size, weight.device)

@@ -90,7 +90,7 @@ class _BranchSum(torch.autograd.Function):
         need_x = need[0] or (has_ln and (need[5 + 3 * n] or need[6 + 3 * n]))  # the LayerNorm's grads need it too
         u = x if not has_ln else _ln2d(x, ln[0], ln[1], ctx.ln_eps)[0].to(ctx.dtype)  # recomputed
         grad_x, grads_w, grads_g, grads_b, layouts, scratch = None, [], [], [], {}, {}
-        spectral = SpectralGrads(u, weights, ctx.dilations) if SpectralGrads.use(u) else None
+        spectral = SpectralGrads(u, [w.shape[-1] for w in weights], ctx.dilations) if SpectralGrads.use(u) else None
         for i, (w, d, gamma, eps) in enumerate(zip(weights, ctx.dilations, gammas, ctx.eps)):
             z = _conv(_laid_out(u, w, d, layouts), w, None, d)  # the one recomputed map
             gz, gg, gb = torch.ops.aten.native_batch_norm_backward.out(  # gz: a buffer reused by every branch
