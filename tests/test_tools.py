@@ -1,5 +1,6 @@
 """The project's measurement tools: complexity counting and the benchmark harness."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +27,19 @@ def test_complexity_t_matches_spec():
     assert abs(row['gmacs_deploy'] - 5.65) < 0.03
     assert abs(row['gmacs_train'] - 5.99) < 0.03
     assert abs(row['gmacs_paper_convention'] - 5.51) < 0.03
+
+
+def test_benchmark_workers_import_their_own_checkout(tmp_path):
+    """tools/benchmark.py of another checkout (a git worktree) times that checkout's overlock_core, not the
+    installed one: here a stub package whose import fails with a message the worker reports."""
+    (tmp_path / 'tools').mkdir()
+    shutil.copy('tools/benchmark.py', tmp_path / 'tools')
+    (tmp_path / 'overlock_core').mkdir()
+    (tmp_path / 'overlock_core' / '__init__.py').write_text("raise ImportError('the stub checkout')\n")
+    res = subprocess.run([sys.executable, str(tmp_path / 'tools' / 'benchmark.py'), '--models', 'test_overlock',
+                          '--modes', 'infer', '--repeats', '1', '--iters', '1', '--threads', '1'],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert 'error: ImportError: the stub checkout' in res.stdout, res.stdout + res.stderr
 
 
 def test_benchmark_harness_writes_json(tmp_path):

@@ -29,6 +29,10 @@ from typing import Dict, List
 
 import torch
 
+# this checkout's overlock_core, in the workers too, ahead of an installed one: comparing two checkouts (git
+# worktrees) would otherwise time the installed package twice
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 DEFAULT_MODELS = ['overlock_t', 'convnext_tiny', 'overlock_s', 'convnext_small']
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
