@@ -179,7 +179,7 @@ def test_conv_mlp_gradcheck(residual, scaled, c, h, w, grouped, monkeypatch):
     params = (_leaf(hid, c, 1, 1), _leaf(hid), _leaf(hid, 1, 3, 3), _leaf(hid), _leaf(1, hid, 1, 1),
               _leaf(1, hid, 1, 1), _leaf(c, hid, 1, 1), _leaf(c))
     x, scale = _leaf(n, c, h, w), (_leaf(n, c, 1, 1) if scaled else None)
-    assert len(recompute._image_groups(x, hid)) == (2 if grouped else 1)
+    assert len(recompute.image_groups(x, hid)) == (2 if grouped else 1)
 
     def composite(x, w1, b1, wdw, bdw, gamma, beta, w2, b2):
         u = nn.functional.gelu(nn.functional.conv2d(x if scale is None else x * scale, w1, b1))
@@ -326,3 +326,21 @@ def test_dense_backbones_default_to_lean_max():
     assert leans(timm.create_model('test_overlock', features_only=True, lean=True)) == {True}
     assert leans(MODELS.build(dict(type='OverLoCKBackbone', arch='test', dense='seg'))) == {'max'}
     assert leans(MODELS.build(dict(type='OverLoCKBackbone', arch='test', dense='det', lean=False))) == {False}
+
+
+def test_mlp_without_autograd_runs_in_image_groups(monkeypatch):
+    """Inference: on large CPU maps the MLP chain runs group by group of images (hidden maps in cache); the block's
+    output equals the one-batch output."""
+    from overlock_core.ops import recompute
+    torch.manual_seed(0)
+    block = RepConvBlock(8, 5).eval()
+    for name, p in block.named_parameters():
+        if name.endswith(('gamma', 'beta')):
+            nn.init.normal_(p)  # GRN starts as the identity
+    x = torch.randn(5, 8, 9, 9)
+    with torch.no_grad():
+        whole = block(x)
+        monkeypatch.setattr(recompute, 'CHAIN_BYTES', 2 * 32 * 9 * 9 * 4)  # two images' hidden maps
+        assert len(recompute.image_groups(x, 32)) == 3
+        grouped = block(x)
+    torch.testing.assert_close(grouped, whole, rtol=1e-6, atol=1e-6)

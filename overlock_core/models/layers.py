@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 
 from ..ops import (bn_act, bn_branch_sum, conv_mlp, dense_dilated, dilate_and_pad, dw_bn_act_conv, dw_conv2d,
-                   gated_bn_conv, grn, kernel_av)
+                   gated_bn_conv, grn, image_groups, kernel_av)
 
 # DilatedReparamBlock branches per large kernel: (kernel, dilation), from UniRepLKNet (spec B.3).
 DRB_BRANCHES: Dict[int, Tuple[Tuple[int, int], ...]] = {
@@ -97,10 +97,13 @@ def mlp(seq: Sequence[nn.Module], x: torch.Tensor, lean: Union[bool, str],
         se: Optional['SEModule'] = None) -> torch.Tensor:
     """The MLP chain [1x1 conv, GELU, ResDWConv, GRN, 1x1 conv], after ``se`` if given: when ``lean``, one
     recomputing function that keeps x and one hidden map (none when ``lean`` is 'max') instead of the scaled x and
-    four hidden maps."""
+    four hidden maps. Both forms run large CPU maps in groups of images (``ops.image_groups``)."""
     conv1, act, dw, norm, conv2 = seq
     if not lean or act.approximate != 'none':
-        return conv2(norm(dw(act(conv1(x if se is None else se(x))))))
+        def chain(t: torch.Tensor) -> torch.Tensor:
+            return conv2(norm(dw(act(conv1(t if se is None else se(t))))))
+        groups = [slice(None)] if torch.is_grad_enabled() else image_groups(x, conv1.out_channels)
+        return chain(x) if len(groups) == 1 else torch.cat([chain(x[s]) for s in groups])
     residual = torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64)
     wdw = dw.weight if residual else dw.weight + dw.centre
     return conv_mlp(x, conv1.weight, conv1.bias, wdw, dw.bias, norm.gamma, norm.beta, conv2.weight, conv2.bias,

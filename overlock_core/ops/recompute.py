@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from .dwconv import NHWC_SPAN, SpectralGrads, _conv, _layout, autocast_args, dw_conv2d_backward
 from .grn import _channels_last, grn_backward, grn_forward, grn_scale
 
-__all__ = ['bn_act', 'bn_branch_sum', 'bn_momentum', 'conv_mlp', 'dw_bn_act_conv', 'gated_bn_conv']
+__all__ = ['bn_act', 'bn_branch_sum', 'bn_momentum', 'conv_mlp', 'dw_bn_act_conv', 'gated_bn_conv',
+           'image_groups']
 
 
 def _laid_out(x: torch.Tensor, w: torch.Tensor, d: int, layouts: dict) -> torch.Tensor:
@@ -309,12 +310,14 @@ def _format(x: torch.Tensor) -> torch.memory_format:
 CHAIN_BYTES = 8 << 20  # CPU: images go through the MLP chain in groups whose hidden map is at most this large
 
 
-def _image_groups(x: torch.Tensor, hidden: int) -> List[slice]:
-    """Slices of the batch that the MLP chain runs one after another on the CPU. Its hidden maps are bandwidth-bound
-    there: a 25 MiB stage-1 map (batch 8 at 224) costs ~2.5 ms per pass through memory and the chain makes ~20
-    passes. In groups of <= ``CHAIN_BYTES`` they stay in cache (stage-1 chain fwd+bwd 84-110 -> 65 ms). Everything
-    but the parameter gradients is per image (GRN normalises each image), so the result is the same up to the
-    order in which the parameter gradients are summed. One group elsewhere, and when one image alone is larger."""
+def image_groups(x: torch.Tensor, hidden: int) -> List[slice]:
+    """Slices of the batch that the MLP chain runs one after another on the CPU (``conv_mlp`` in training, the
+    plain modules without autograd). Its hidden maps are bandwidth-bound there: a 25 MiB stage-1 map (batch 8 at
+    224) costs ~2.5 ms per pass through memory and a training step makes ~20 passes. In groups of <=
+    ``CHAIN_BYTES`` they stay in cache (stage-1 chain fwd+bwd 84-110 -> 65 ms; inference of OverLoCK-T at 224
+    10% faster). Everything but the parameter gradients is per image (GRN normalises each image), so the result is
+    the same up to the order in which the parameter gradients are summed. One group elsewhere, and when one image
+    alone is larger."""
     n = x.shape[0]
     per = hidden * x.shape[-2] * x.shape[-1] * x.element_size()
     groups = -(-n * per // CHAIN_BYTES)
@@ -354,7 +357,7 @@ class _ConvMLP(torch.autograd.Function):
         # conversions of the narrow input and output included); the hidden maps follow x's layout
         fmt = torch.channels_last if x.device.type == 'cpu' else ctx.fmt_in
         x = x.contiguous(memory_format=fmt)
-        groups = _image_groups(x, w1.shape[0])
+        groups = image_groups(x, w1.shape[0])
         args = (w1, b1, wdw, bdw, gamma, beta, w2, b2, residual, eps)
         if len(groups) == 1:
             out, h1, gx, mean = _ConvMLP._forward(x, scale, *args)
