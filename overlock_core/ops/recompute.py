@@ -307,6 +307,14 @@ def _format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if _channels_last(x) else torch.contiguous_format
 
 
+def _nhwc(fn, *maps: torch.Tensor) -> torch.Tensor:
+    """fn of channels-last maps through their contiguous NHWC views: PyTorch's CPU GELU and its backward are 25-30%
+    faster there than on the 4-d channels-last tensors (in fp32 they round differently, by ~1 ulp)."""
+    if not all(_channels_last(m) for m in maps):
+        return fn(*maps)
+    return fn(*(m.permute(0, 2, 3, 1) for m in maps)).permute(0, 3, 1, 2)
+
+
 CHAIN_BYTES = 8 << 20  # CPU: images go through the MLP chain in groups whose hidden map is at most this large
 
 
@@ -338,7 +346,7 @@ class _ConvMLP(torch.autograd.Function):
     @staticmethod
     def _hidden(h1, wdw, bdw, residual):
         """GRN input from the GELU input: u = GELU(h1), DW3x3(u) [+ u]; returns (u, h3)."""
-        u = F.gelu(h1)
+        u = _nhwc(F.gelu, h1)
         h3 = _conv(u, wdw, bdw, 1)
         return u, (h3.add_(u) if residual else h3)  # residual: the identity not folded into the kernel (autocast)
 
@@ -396,7 +404,7 @@ class _ConvMLP(torch.autograd.Function):
         if residual:
             gu = gu.add_(g3)
         del g3
-        g1 = torch.ops.aten.gelu_backward.grad_input(gu, h1, grad_input=gu)  # in place: no fresh hidden map
+        g1 = _nhwc(lambda a, b: torch.ops.aten.gelu_backward.grad_input(a, b, grad_input=a), gu, h1)  # in place
         del gu
         if xs is None:
             xs = x if scale is None else x * scale  # recomputed
