@@ -115,8 +115,13 @@ class SpectralGrads:
         self.fx = self.rfft(x).conj().resolve_conj()  # conjugated once, not per branch
         self.gx = None
 
+    def interior(self) -> torch.Tensor:
+        """The map-sized corner of the transform buffer: a gradient written there (``out=``) is not copied again."""
+        return self.buf[..., :self.shape[-2], :self.shape[-1]]
+
     def rfft(self, t: torch.Tensor) -> torch.Tensor:
-        self.buf[..., :t.shape[-2], :t.shape[-1]].copy_(t)
+        if t.data_ptr() != self.buf.data_ptr() or t.stride() != self.buf.stride():
+            self.buf[..., :t.shape[-2], :t.shape[-1]].copy_(t)
         return torch.fft.rfft2(self.buf)
 
     def kernel_grad(self, spec: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:

@@ -94,9 +94,12 @@ class _BranchSum(torch.autograd.Function):
         spectral = SpectralGrads(u, [w.shape[-1] for w in weights], ctx.dilations) if SpectralGrads.use(u) else None
         for i, (w, d, gamma, eps) in enumerate(zip(weights, ctx.dilations, gammas, ctx.eps)):
             z = _conv(_laid_out(u, w, d, layouts), w, None, d)  # the one recomputed map
-            gz, gg, gb = torch.ops.aten.native_batch_norm_backward.out(  # gz: a buffer reused by every branch
+            # gz: a buffer reused by every branch; the spectral path's own transform buffer when the dtypes agree
+            into = spectral.interior() if spectral is not None and spectral.buf.dtype == z.dtype else None
+            gz, gg, gb = torch.ops.aten.native_batch_norm_backward.out(
                 g, z, gamma, None, None, stats[2 * i], stats[2 * i + 1], True, eps, [True, True, True],
-                out0=_scratch(scratch, z), out1=torch.empty_like(gamma), out2=torch.empty_like(gamma))
+                out0=_scratch(scratch, z) if into is None else into, out1=torch.empty_like(gamma),
+                out2=torch.empty_like(gamma))
             del z
             if spectral is not None:  # large maps: all branches' gradients in frequency space
                 gw = spectral.add(w, d, gz, (need_x, need[5 + i]))
