@@ -249,7 +249,8 @@ def main(argv=None):
               f"{', channels_last' if args.channels_last else ''}{', backbone only' if args.backbone else ''}"
               f"{', gradient checkpointing' if args.grad_checkpointing else ''}"
               f"{', OverLoCK without recomputation (--no-lean)' if args.lean is False else ''}"
-              f"{', OverLoCK lean=max' if args.lean == 'max' else ''}{', OverLoCK lean=True' if args.lean is True else ''}")
+              f"{', OverLoCK lean=max' if args.lean == 'max' else ''}"
+              f"{', OverLoCK lean=True' if args.lean is True else ''}")
         print(f"{'model':18}{'mode':7}{'ms/step':>10}{'img/s':>9}{'peak MiB':>10}{'params M':>10}{'spread':>10}")
         results: Dict = {}
         for _ in range(args.repeats):  # models alternate, so a slow spell of the machine hits each of them
