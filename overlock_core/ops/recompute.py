@@ -326,7 +326,7 @@ def image_groups(x: torch.Tensor, hidden: int) -> List[slice]:
     plain modules without autograd). Its hidden maps are bandwidth-bound there: a 25 MiB stage-1 map (batch 8 at
     224) costs ~2.5 ms per pass through memory and a training step makes ~20 passes. In groups of <=
     ``CHAIN_BYTES`` they stay in cache (stage-1 chain fwd+bwd 84-110 -> 65 ms; inference of OverLoCK-T at 224
-    10% faster). Everything but the parameter gradients is per image (GRN normalises each image), so the result is
+    3-8% faster in fresh processes, 10% alternating in one). Everything but the parameter gradients is per image (GRN normalises each image), so the result is
     the same up to the order in which the parameter gradients are summed. One group elsewhere, and when one image
     alone is larger."""
     n = x.shape[0]
