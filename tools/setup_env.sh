@@ -14,6 +14,14 @@ log() { printf '[setup] %s\n' "$*"; }
 if [[ -f "$STAMP" ]]; then exit 0; fi
 mkdir -p "$CACHE/wheels" "$CACHE/logs"
 if [[ ! -x "$VENV/bin/python" ]]; then
+  # torch's CUDA build alone is ~6 GiB installed; fail now, naming the disk, rather than midway through pip.
+  NEED_GIB=8
+  FREE_GIB=$(( $(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print $4}') / 1048576 ))
+  if (( FREE_GIB < NEED_GIB )); then
+    log "ERROR: $(dirname "$VENV") has ${FREE_GIB} GiB free; the environment needs about ${NEED_GIB} GiB."
+    log "Free some space there, or set OVERLOCK_VENV to a path on a larger disk, then run 'make setup' again."
+    exit 1
+  fi
   log "creating virtual environment $VENV"
   "$PY" -m venv "$VENV"
 fi
