@@ -33,6 +33,7 @@ LARGE_KERNEL = 9  # from this many taps on the weight gradient is computed by us
 SMALL_MAP = 16 * 16  # at most this many pixels and ...
 SMALL_MAP_MAX_K = 13  # ... at most this many taps: grouped-conv weight gradient (wider kernels hit a slow path)
 NHWC_SPAN = 14  # kernels spanning this many pixels or more run channels-last
+DILATED_PAD = 6  # oneDNN's dilated depth-wise kernels leave their fast path from padding 7 on (7-15x slower)
 
 
 def dilate_and_pad(kernel: torch.Tensor, dilation: int, size: int) -> torch.Tensor:
@@ -55,6 +56,8 @@ def _layout(x: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int) -> torch.Tensor:
     pad = dilation * (weight.shape[-1] - 1) // 2
+    if dilation > 1 and pad > DILATED_PAD and x.device.type == 'cpu':  # e.g. 3x3 with dilation 7 (K=15, 17, 19)
+        x, pad = F.pad(x, (pad - DILATED_PAD,) * 4), DILATED_PAD  # the extra zeros up front: 0.47 vs 3.3 ms at 56x56
     return F.conv2d(x, weight, bias, padding=pad, dilation=dilation, groups=weight.shape[0])
 
 
