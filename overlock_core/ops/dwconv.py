@@ -159,10 +159,22 @@ class SpectralGrads:
         return torch.fft.irfft2(self.gx, s=self.size)[..., :h, :w].to(self.dtype).contiguous()
 
 
+def _in_format(x: torch.Tensor, fmt: torch.memory_format, cache: Optional[dict]) -> torch.Tensor:
+    """x.contiguous(memory_format=fmt), converted once per format across calls that share ``cache``."""
+    if cache is None:
+        return x.contiguous(memory_format=fmt)
+    if fmt not in cache:
+        cache[fmt] = x.contiguous(memory_format=fmt)
+    return cache[fmt]
+
+
 def dw_conv2d_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, dilation: int,
-                       mask: Tuple[bool, bool]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                       mask: Tuple[bool, bool], x_formats: Optional[dict] = None
+                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(input gradient, kernel gradient) of ``_conv(x, weight, _, dilation)`` for output gradient ``grad``, the ones
-    ``mask`` asks for: the fast CPU methods above, PyTorch's own for 3x3 kernels and on other devices."""
+    ``mask`` asks for: the fast CPU methods above, PyTorch's own for 3x3 kernels and on other devices.
+    ``x_formats``: a dict shared by calls with the same x (a DilatedReparamBlock's branches), so that x is converted
+    to each memory layout once."""
     d, k = dilation, weight.shape[-1]
     pad = [d * (k - 1) // 2] * 2
     if x.device.type != 'cpu' or (k <= 3 and d == 1):
@@ -176,11 +188,12 @@ def dw_conv2d_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
     small = x.shape[-2] * x.shape[-1] <= SMALL_MAP and (5 <= k <= SMALL_MAP_MAX_K or (k == 3 and 1 < d <= 3))
     ours = k >= LARGE_KERNEL or small
     if mask[1] and ours:
-        grad_w = dw_weight_grad(x.contiguous(), grad.contiguous(), k, d).to(weight.dtype)
+        grad_w = dw_weight_grad(_in_format(x, torch.contiguous_format, x_formats), grad.contiguous(), k, d)
+        grad_w = grad_w.to(weight.dtype)
     elif mask[1]:
         cl = torch.channels_last
         grad_w = torch.ops.aten.convolution_backward(
-            grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl), weight, None, [1, 1], pad, [d, d],
+            grad.contiguous(memory_format=cl), _in_format(x, cl, x_formats), weight, None, [1, 1], pad, [d, d],
             False, [0, 0], weight.shape[0], [False, True, False])[1]
     return grad_x, grad_w
 

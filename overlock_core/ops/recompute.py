@@ -90,7 +90,7 @@ class _BranchSum(torch.autograd.Function):
         has_ln = ctx.ln_eps is not None
         need_x = need[0] or (has_ln and (need[5 + 3 * n] or need[6 + 3 * n]))  # the LayerNorm's grads need it too
         u = x if not has_ln else _ln2d(x, ln[0], ln[1], ctx.ln_eps)[0].to(ctx.dtype)  # recomputed
-        grad_x, grads_w, grads_g, grads_b, layouts, scratch = None, [], [], [], {}, {}
+        grad_x, grads_w, grads_g, grads_b, layouts, scratch, u_formats = None, [], [], [], {}, {}, {}
         spectral = SpectralGrads(u, [w.shape[-1] for w in weights], ctx.dilations) if SpectralGrads.use(u) else None
         for i, (w, d, gamma, eps) in enumerate(zip(weights, ctx.dilations, gammas, ctx.eps)):
             z = _conv(_laid_out(u, w, d, layouts), w, None, d)  # the one recomputed map
@@ -104,7 +104,7 @@ class _BranchSum(torch.autograd.Function):
             if spectral is not None:  # large maps: all branches' gradients in frequency space
                 gw = spectral.add(w, d, gz, (need_x, need[5 + i]))
             else:
-                gx, gw = dw_conv2d_backward(u, w, gz, d, (need_x, need[5 + i]))
+                gx, gw = dw_conv2d_backward(u, w, gz, d, (need_x, need[5 + i]), u_formats)
                 grad_x = gx if grad_x is None or gx is None else grad_x.add_(gx)
             grads_w.append(gw)
             grads_g.append(gg)
@@ -114,7 +114,7 @@ class _BranchSum(torch.autograd.Function):
             del spectral
         grads_ln = []
         if has_ln:
-            del u, layouts
+            del u, layouts, u_formats
             lw, lb, mean, rstd = ln
             gx, glw, glb = torch.ops.aten.native_layer_norm_backward(
                 grad_x.to(x.dtype).permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), [x.shape[1]], mean, rstd, lw, lb,
