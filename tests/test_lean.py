@@ -103,9 +103,12 @@ def test_dw_bn_act_conv_is_bitwise_the_plain_chain(act):
                                     (xd, dw.weight, dw.bias, bn.weight, bn.bias, conv.weight, conv.bias))
 
 
-def test_bn_branch_sum_gradcheck_and_cumulative_momentum():
+@pytest.mark.parametrize('keep_first', [True, False])
+def test_bn_branch_sum_gradcheck_and_cumulative_momentum(keep_first, monkeypatch):
     """The DilatedReparamBlock training form: sum of BN(dw conv) branches, dilated ones included; momentum=None
-    (cumulative average) is honoured."""
+    (cumulative average) is honoured; the first branch's output kept (small maps) or recomputed."""
+    from overlock_core.ops import recompute
+    monkeypatch.setattr(recompute, 'KEEP_FIRST', recompute.KEEP_FIRST if keep_first else 0)
     specs = ((7, 1), (5, 1), (3, 2), (3, 3))
     weights = [_leaf(3, 1, k, k) for k, _ in specs]
     bns = [_bn(3, momentum=None) for _ in specs]
@@ -149,7 +152,8 @@ def test_bn_branch_sum_with_layer_norm():
     assert torch.equal(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.equal(a, b)
-    assert results[0][2] == x.numel() and results[1][2] == 2 * x.numel()  # x, not also the LayerNorm output
+    # x and (a map this small: KEEP_FIRST) the first branch's output, not also the LayerNorm output
+    assert results[0][2] == 2 * x.numel() and results[1][2] == 3 * x.numel()
     nd, xd, wd = copy.deepcopy(norm).double(), _leaf(2, 4, 5, 6), [_leaf(4, 1, k, k) for k, _ in specs]
     bns = [_bn(4) for _ in specs]
     assert torch.autograd.gradcheck(lambda x, lw, lb, *w: bn_branch_sum(x, w, dil, bns, nd),

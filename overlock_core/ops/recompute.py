@@ -4,10 +4,11 @@ Autograd saves one map per op: a DilatedReparamBlock keeps the input of each of 
 MLP chain (1x1 conv, GELU, x + DW3x3, GRN, 1x1 conv) four hidden-width maps. Those made OverLoCK-T's training
 memory about 3x ConvNeXt-T's. Here the backward recomputes them from what is kept:
 
-* ``bn_branch_sum``: sum_i BN_i(dwconv_i(x)) in training mode keeps x and the batch statistics; the backward re-runs
-  each branch convolution (a forward depth-wise conv) before that branch's BatchNorm and conv backward (on large
-  CPU maps all branches' conv gradients together in frequency space, ``SpectralGrads``). A LayerNorm in front
-  (``norm``) runs inside, its output recomputed instead of kept.
+* ``bn_branch_sum``: sum_i BN_i(dwconv_i(x)) in training mode keeps x and the batch statistics (and on maps up to
+  16x16 the first branch's output, ``KEEP_FIRST``); the backward re-runs each other branch convolution (a forward
+  depth-wise conv) before that branch's BatchNorm and conv backward (on large CPU maps all branches' conv gradients
+  together in frequency space, ``SpectralGrads``). A LayerNorm in front (``norm``) runs inside, its output
+  recomputed instead of kept.
 * ``bn_act``: act(BN(x)) keeps x, not also the BatchNorm output.
 * ``gated_bn_conv``: conv1x1(BN(y * s * gate)) (the Focus-Net block's output projection) keeps y, s and gate.
 * ``dw_bn_act_conv``: conv1x1(GELU(BN(DW3x3(x)))) (the Focus-Net fusion chain) keeps x, not also the BatchNorm
@@ -25,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .dwconv import NHWC_SPAN, SpectralGrads, _conv, _layout, autocast_args, dw_conv2d_backward
+from .dwconv import NHWC_SPAN, SMALL_MAP, SpectralGrads, _conv, _layout, autocast_args, dw_conv2d_backward
 from .grn import _channels_last, grn_backward, grn_forward, grn_scale
 
 __all__ = ['bn_act', 'bn_branch_sum', 'bn_momentum', 'conv_mlp', 'dw_bn_act_conv', 'gated_bn_conv',
@@ -56,6 +57,11 @@ def _scratch(buffers: dict, like: torch.Tensor) -> torch.Tensor:
     return buffers[key]
 
 
+# On maps up to 16x16 (stage 3 at 224) the first branch's output, the K x K conv's, is kept rather than recomputed:
+# 1.7 of the ~3 ms the recomputation costs a block at batch 8, for 1.6 MB a block
+KEEP_FIRST = SMALL_MAP
+
+
 class _BranchSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dilations, bn_args, ln_eps, dtype, *params):
@@ -65,11 +71,12 @@ class _BranchSum(torch.autograd.Function):
         if ln_eps is not None:  # the LayerNorm before the block, in x's dtype; its output is not kept
             u, *ln_stats = _ln2d(x, *ln, ln_eps)
             u = u.to(dtype)
-        out, stats, layouts, scratch = None, [], {}, {}
+        out, stats, layouts, scratch, kept = None, [], {}, {}, None
         for w, d, (rm, rv, momentum, eps), gamma, beta in zip(weights, dilations, bn_args, gammas, betas):
             z = _conv(_laid_out(u, w, d, layouts), w, None, d)
             if out is None:
                 out, mean, invstd = torch.ops.aten.native_batch_norm(z, gamma, beta, rm, rv, True, momentum, eps)
+                kept = z if z.shape[-2] * z.shape[-1] <= KEEP_FIRST else None
             else:  # the other branches' outputs go through one reused buffer into the sum
                 mean, invstd = stats[0].new_empty(stats[0].shape), stats[1].new_empty(stats[1].shape)
                 y = torch.ops.aten.native_batch_norm.out(z, gamma, beta, rm, rv, True, momentum, eps,
@@ -77,14 +84,14 @@ class _BranchSum(torch.autograd.Function):
                                                          save_invstd=invstd)[0]
                 out.add_(y)
             stats += [mean, invstd]
-        ctx.save_for_backward(x, *weights, *gammas, *stats, *ln, *ln_stats)
+        ctx.save_for_backward(x, *weights, *gammas, *stats, *ln, *ln_stats, kept)
         ctx.dilations, ctx.eps, ctx.ln_eps, ctx.dtype = dilations, [a[3] for a in bn_args], ln_eps, dtype
         return out
 
     @staticmethod
     def backward(ctx, g):
         n = len(ctx.dilations)
-        x, *saved = ctx.saved_tensors  # read once (checkpointing allows one unpack)
+        x, *saved, kept = ctx.saved_tensors  # read once (checkpointing allows one unpack)
         weights, gammas, stats, ln = saved[:n], saved[n:2 * n], saved[2 * n:4 * n], saved[4 * n:]
         need = ctx.needs_input_grad
         has_ln = ctx.ln_eps is not None
@@ -93,7 +100,7 @@ class _BranchSum(torch.autograd.Function):
         grad_x, grads_w, grads_g, grads_b, layouts, scratch, u_formats = None, [], [], [], {}, {}, {}
         spectral = SpectralGrads(u, [w.shape[-1] for w in weights], ctx.dilations) if SpectralGrads.use(u) else None
         for i, (w, d, gamma, eps) in enumerate(zip(weights, ctx.dilations, gammas, ctx.eps)):
-            z = _conv(_laid_out(u, w, d, layouts), w, None, d)  # the one recomputed map
+            z = kept if i == 0 and kept is not None else _conv(_laid_out(u, w, d, layouts), w, None, d)  # recomputed
             # gz: a buffer reused by every branch; the spectral path's own transform buffer when the dtypes agree
             into = spectral.interior() if spectral is not None and spectral.buf.dtype == z.dtype else None
             gz, gg, gb = torch.ops.aten.native_batch_norm_backward.out(
@@ -101,6 +108,7 @@ class _BranchSum(torch.autograd.Function):
                 out0=_scratch(scratch, z) if into is None else into, out1=torch.empty_like(gamma),
                 out2=torch.empty_like(gamma))
             del z
+            kept = None
             if spectral is not None:  # large maps: all branches' gradients in frequency space
                 gw = spectral.add(w, d, gz, (need_x, need[5 + i]))
             else:
