@@ -119,6 +119,25 @@ def test_dw_conv2d_matches_conv2d(b, c, h, w, k, d, bias):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize('k,d', [(13, 1), (3, 7), (9, 2)])
+def test_dw_conv2d_channels_last_fast_paths(k, d):
+    """Channels-last 13x13 kernels run padded to 15x15 (``WIDEN``), dilated ones padded by more than 6 get the
+    extra zeros up front (``DILATED_PAD``): the same convolution and gradients, with and without autograd."""
+    from overlock_core.ops import dw_conv2d
+    x = torch.randn(2, 3, 17, 19, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(3, 1, k, k, dtype=torch.float64)
+    ref = torch.nn.functional.conv2d(x, weight, padding=d * (k - 1) // 2, dilation=d, groups=3)
+    with torch.no_grad():
+        torch.testing.assert_close(dw_conv2d(x, weight, None, d), ref, rtol=0, atol=1e-10)
+    x.requires_grad_(), weight.requires_grad_()
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(dw_conv2d(x, weight, None, d), (x, weight), g)
+    want = torch.autograd.grad(torch.nn.functional.conv2d(x, weight, padding=d * (k - 1) // 2, dilation=d, groups=3),
+                               (x, weight), g)
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)
+
+
 def test_dw_conv2d_gradcheck_fft_path():
     from overlock_core.ops import dw_conv2d
     x = torch.randn(1, 2, 17, 19, dtype=torch.float64, requires_grad=True)

@@ -214,8 +214,8 @@ class DilatedReparamBlock(Lean, nn.Module):
         convs = [self.lk_origin] + [getattr(self, f'dil_conv_k{k}_{r}') for k, r in self.branches]
         bns = [self.origin_bn] + [getattr(self, f'dil_bn_k{k}_{r}') for k, r in self.branches]
         if self.recompute() and all(plain_bn(bn) for bn in bns):  # keeps x alone, not one map per branch
-            cpu = x.device.type == 'cpu'  # dense form of wide dilated kernels: a CPU speed-up (see ops.dwconv)
-            weights, dilations = zip(*(dense_dilated(c.weight, c.dilation[0]) if cpu else (c.weight, c.dilation[0])
+            cpu = x.device.type == 'cpu'  # dense form of wide dilated kernels on small maps (see ops.dwconv)
+            weights, dilations = zip(*(dense_dilated(c.weight, c.dilation[0], x) if cpu else (c.weight, c.dilation[0])
                                        for c in convs))
             if norm is not None and not _plain_ln(norm):
                 x, norm = norm(x), None
