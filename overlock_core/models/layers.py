@@ -9,6 +9,7 @@ from timm.layers import DropPath, LayerNorm2d
 
 from ..ops import (bn_act, bn_branch_sum, conv_mlp, dense_dilated, dilate_and_pad, dw_bn_act_conv, dw_conv2d,
                    gated_bn_conv, grn, image_groups, kernel_av)
+from ..ops.recompute import _format
 
 # DilatedReparamBlock branches per large kernel: (kernel, dilation), from UniRepLKNet (spec B.3).
 DRB_BRANCHES: Dict[int, Tuple[Tuple[int, int], ...]] = {
@@ -294,9 +295,7 @@ class _ChannelSplit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, k, contiguous):
-        cl = torch.channels_last
-        ctx.k, ctx.shape = k, x.shape
-        ctx.fmt = cl if x.is_contiguous(memory_format=cl) and not x.is_contiguous() else torch.contiguous_format
+        ctx.k, ctx.shape, ctx.fmt = k, x.shape, _format(x)  # channels-last or contiguous
         a, b = x[:, :k], x[:, k:]
         return (a.contiguous(), b.contiguous()) if contiguous else (a, b)
 

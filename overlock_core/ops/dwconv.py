@@ -38,7 +38,7 @@ SMALL_MAP = 16 * 16  # at most this many pixels and ...
 SMALL_MAP_MAX_K = 13  # ... at most this many taps: grouped-conv weight gradient (wider kernels hit a slow path)
 NHWC_SPAN = 14  # kernels spanning this many pixels or more run channels-last
 DILATED_PAD = 6  # oneDNN's dilated depth-wise kernels leave their fast path from padding 7 on (7-15x slower)
-WIDEN = {13: 15}  # channels-last: oneDNN runs a 13x13 depth-wise kernel 2.1-2.5x slower than the same one padded to 15x15
+WIDEN = {13: 15}  # channels-last: oneDNN runs 13x13 depth-wise kernels 2.1-2.5x slower than them padded to 15x15
 
 
 def dilate_and_pad(kernel: torch.Tensor, dilation: int, size: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .dwconv import NHWC_SPAN, SMALL_MAP, SpectralGrads, _conv, _layout, autocast_args, dw_conv2d_backward
+from .dwconv import NHWC_SPAN, SMALL_MAP, SpectralGrads, _conv, _in_format, autocast_args, dw_conv2d_backward
 from .grn import _channels_last, grn_backward, grn_forward, grn_scale
 
 __all__ = ['bn_act', 'bn_branch_sum', 'bn_momentum', 'conv_mlp', 'dw_bn_act_conv', 'gated_bn_conv',
@@ -34,11 +34,9 @@ __all__ = ['bn_act', 'bn_branch_sum', 'bn_momentum', 'conv_mlp', 'dw_bn_act_conv
 
 
 def _laid_out(x: torch.Tensor, w: torch.Tensor, d: int, layouts: dict) -> torch.Tensor:
-    """x in the layout the branch's conv is fastest with, converted once per layout."""
-    key = d * (w.shape[-1] - 1) + 1 >= NHWC_SPAN
-    if key not in layouts:
-        layouts[key] = _layout(x, w.shape[-1], d)
-    return layouts[key]
+    """x in the layout the branch's conv is fastest with (``dwconv._layout``), converted once per layout across the
+    branches sharing ``layouts`` (their kernel gradients draw on the same dict)."""
+    return _in_format(x, torch.channels_last, layouts) if d * (w.shape[-1] - 1) + 1 >= NHWC_SPAN else x
 
 
 def _ln2d(x, weight, bias, eps):
@@ -97,7 +95,7 @@ class _BranchSum(torch.autograd.Function):
         has_ln = ctx.ln_eps is not None
         need_x = need[0] or (has_ln and (need[5 + 3 * n] or need[6 + 3 * n]))  # the LayerNorm's grads need it too
         u = x if not has_ln else _ln2d(x, ln[0], ln[1], ctx.ln_eps)[0].to(ctx.dtype)  # recomputed
-        grad_x, grads_w, grads_g, grads_b, layouts, scratch, u_formats = None, [], [], [], {}, {}, {}
+        grad_x, grads_w, grads_g, grads_b, layouts, scratch = None, [], [], [], {}, {}
         spectral = SpectralGrads(u, [w.shape[-1] for w in weights], ctx.dilations) if SpectralGrads.use(u) else None
         for i, (w, d, gamma, eps) in enumerate(zip(weights, ctx.dilations, gammas, ctx.eps)):
             z = kept if i == 0 and kept is not None else _conv(_laid_out(u, w, d, layouts), w, None, d)  # recomputed
@@ -112,7 +110,7 @@ class _BranchSum(torch.autograd.Function):
             if spectral is not None:  # large maps: all branches' gradients in frequency space
                 gw = spectral.add(w, d, gz, (need_x, need[5 + i]))
             else:
-                gx, gw = dw_conv2d_backward(u, w, gz, d, (need_x, need[5 + i]), u_formats)
+                gx, gw = dw_conv2d_backward(u, w, gz, d, (need_x, need[5 + i]), layouts)
                 grad_x = gx if grad_x is None or gx is None else grad_x.add_(gx)
             grads_w.append(gw)
             grads_g.append(gg)
@@ -122,7 +120,7 @@ class _BranchSum(torch.autograd.Function):
             del spectral
         grads_ln = []
         if has_ln:
-            del u, layouts, u_formats
+            del u, layouts
             lw, lb, mean, rstd = ln
             gx, glw, glb = torch.ops.aten.native_layer_norm_backward(
                 grad_x.to(x.dtype).permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), [x.shape[1]], mean, rstd, lw, lb,
@@ -334,9 +332,9 @@ def image_groups(x: torch.Tensor, hidden: int) -> List[slice]:
     plain modules without autograd). Its hidden maps are bandwidth-bound there: a 25 MiB stage-1 map (batch 8 at
     224) costs ~2.5 ms per pass through memory and a training step makes ~20 passes. In groups of <=
     ``CHAIN_BYTES`` they stay in cache (stage-1 chain fwd+bwd 84-110 -> 65 ms; inference of OverLoCK-T at 224
-    3-8% faster in fresh processes, 10% alternating in one). Everything but the parameter gradients is per image (GRN normalises each image), so the result is
-    the same up to the order in which the parameter gradients are summed. One group elsewhere, and when one image
-    alone is larger."""
+    3-8% faster in fresh processes, 10% alternating in one). Everything but the parameter gradients is per image
+    (GRN normalises each image), so the result is the same up to the order in which the parameter gradients are
+    summed. One group elsewhere, and when one image alone is larger."""
     n = x.shape[0]
     per = hidden * x.shape[-2] * x.shape[-1] * x.element_size()
     groups = -(-n * per // CHAIN_BYTES)
