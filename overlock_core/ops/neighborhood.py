@@ -60,24 +60,28 @@ def _window_indices(length: int, kernel_size: int, device) -> torch.Tensor:
     return start[None, :] + torch.arange(kernel_size, device=device)[:, None]
 
 
-def rpb_bias(rpb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def rpb_bias(rpb: torch.Tensor, height: int, width: int, grouped: bool = False) -> torch.Tensor:
     """Gather a relative-position-bias table (G, 2K-1, 2K-1) into per-pixel logits (G, H*W, K*K), the layout of
-    ContMix's logits (pixel-major, window slot a*K + b last).
+    ContMix's logits (pixel-major, window slot a*K + b last; pixels in the grouped path's order if ``grouped``).
 
     The entry used for pixel (i, j) and window slot (a, b) is indexed by the true displacement between key and query,
     ``rpb[g, s_H(i) + a - i + K - 1, s_W(j) + b - j + K - 1]``, so border pixels use other entries than interior ones.
     """
     heads, size, _ = rpb.shape
     k = (size + 1) // 2
-    flat = _rpb_index(height, width, k, rpb.device)
+    flat = _rpb_index(height, width, k, rpb.device, grouped)
     return rpb.reshape(heads, size * size).index_select(1, flat).reshape(heads, height * width, k * k)
 
 
 @_cached
-def _rpb_index(height: int, width: int, k: int, device) -> torch.Tensor:
-    """(H*W*K*K,) flat table index of every (pixel, window slot) pair (see ``rpb_bias``)."""
+def _rpb_index(height: int, width: int, k: int, device, grouped: bool = False) -> torch.Tensor:
+    """(H*W*K*K,) flat table index of every (pixel, window slot) pair (see ``rpb_bias``); pixels in the grouped
+    path's order (``_group_order``) if ``grouped``."""
     rows, cols = _displacements(height, k, device), _displacements(width, k, device)  # (H, K), (W, K)
-    return (rows[:, None, :, None] * (2 * k - 1) + cols[None, :, None, :]).reshape(-1)  # (H, W, K, K)
+    flat = rows[:, None, :, None] * (2 * k - 1) + cols[None, :, None, :]  # (H, W, K, K)
+    if grouped:
+        return flat.reshape(height * width, k * k)[_group_order(height, width, k, device)[0]].reshape(-1)
+    return flat.reshape(-1)
 
 
 @_cached
@@ -190,12 +194,15 @@ def _tiled_backward(saved: Tuple[torch.Tensor, ...], grad_out: torch.Tensor, ks:
     return grad_attn, grad_value
 
 
-def _softmax_kernel(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor, h: int,
-                    w: int) -> torch.Tensor:
-    """softmax(q @ kw + rpb gathered + pb) over the window slots, in rpb's dtype (>= fp32): (B, G, HW, K*K). The
-    gathered bias, as large as the kernel for one image, is transient."""
-    logits = torch.matmul(q, kw).to(rpb.dtype)
-    return logits.add_(rpb_bias(rpb, h, w).add_(pb)).softmax(dim=-1)
+def _bias(rpb: torch.Tensor, pb: torch.Tensor, h: int, w: int, grouped: bool = False) -> torch.Tensor:
+    """The gathered relative-position bias plus the projection bias (``rpb_bias``): as large as the kernel of one
+    image, and transient."""
+    return rpb_bias(rpb, h, w, grouped).add_(pb)
+
+
+def _softmax_kernel(q: torch.Tensor, kw: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q @ kw + bias) over the window slots, in the bias's dtype (>= fp32): (B, G, P, K*K)."""
+    return torch.matmul(q, kw).to(bias.dtype).add_(bias).softmax(dim=-1)
 
 
 def _as_attn(kernel: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
@@ -204,41 +211,93 @@ def _as_attn(kernel: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.
     return kernel.to(dtype).reshape(b * g, h, w, kk).permute(0, 3, 1, 2)
 
 
+def _grouped_kernel_av(q, kw, bias, value, ks):
+    """``kernel_av``'s forward on the grouped path, one group of pixels at a time: the group's kernel rows
+    (B, G, P, K*K), computed from its rows of q (``q`` and ``bias`` in group order), aggregate its window at
+    once, so the whole kernel is never formed (a quarter of it at a time at stage 3: it stays in cache)."""
+    n, c, h, w = value.shape
+    out = value.new_empty(n, c, h, w)
+    for first, end, rows, cols, wr, wc in _group_order(h, w, ks, value.device)[2]:
+        kernel = _softmax_kernel(q[:, :, first:end], kw, bias[:, first:end]).to(value.dtype)
+        window = value[:, :, wr, wc].reshape(n, c, ks * ks)
+        out[:, :, rows, cols] = torch.matmul(window, kernel.view(n, -1, ks * ks).mT).view(
+            n, c, rows.stop - rows.start, cols.stop - cols.start)
+    return out
+
+
+def _grouped_kernel_av_backward(q, kw, bias, value, grad_out, ks, need):
+    """The backward of ``_grouped_kernel_av``, group by group as well: (grad q in group order, grad kw, grad bias
+    (G, HW, K*K) in group order or None, grad value or None) for ``need`` = (bias, value)."""
+    n, c, h, w = value.shape
+    grad_q, grad_kw = torch.empty_like(q), None
+    grad_bias = bias.new_empty(bias.shape) if need[0] else None
+    grad_v = torch.zeros_like(value) if need[1] else None
+    for first, end, rows, cols, wr, wc in _group_order(h, w, ks, value.device)[2]:
+        q_g = q[:, :, first:end]
+        kernel = _softmax_kernel(q_g, kw, bias[:, first:end])  # recomputed
+        g = grad_out[:, :, rows, cols].reshape(n, c, -1)  # (N, c, P)
+        grad_kernel = torch.matmul(g.mT, value[:, :, wr, wc].reshape(n, c, ks * ks)).view(kernel.shape)
+        if need[1]:
+            grad_v[:, :, wr, wc] += torch.matmul(g, kernel.to(value.dtype).view(n, -1, ks * ks)).view(n, c, ks, ks)
+        grad_logits = torch._softmax_backward_data(grad_kernel.to(kernel.dtype), kernel, -1, kernel.dtype)
+        del kernel, grad_kernel
+        if need[0]:
+            grad_bias[:, first:end] = grad_logits.sum(0)
+        grad_logits = grad_logits.to(q.dtype)
+        grad_q[:, :, first:end] = torch.matmul(grad_logits, kw.mT)
+        part = torch.matmul(q_g.mT, grad_logits)
+        grad_kw = part if grad_kw is None else grad_kw.add_(part)
+    return grad_q, grad_kw, grad_bias, grad_v
+
+
 class _KernelAV(torch.autograd.Function):
     """ContMix's dynamic kernel and its aggregation in one function: the kernel (B*G*H*W*K*K values, ten times the
-    aggregated values at K=13) is recomputed in the backward from q and kw, not kept."""
+    aggregated values at K=13) is recomputed in the backward from q and kw, not kept. On the grouped path the
+    pixels are listed group by group (q's rows reordered, the bias gathered in that order), and both passes work
+    one group at a time (``_grouped_kernel_av``): a block's ContMix step went ~18 -> ~13 ms at stage 3."""
 
     @staticmethod
     def forward(ctx, q, kw, rpb, pb, value, ks):
         h, w = value.shape[-2:]
-        out, saved = av_forward(_as_attn(_softmax_kernel(q, kw, rpb, pb, h, w), h, w, value.dtype), value, ks)
-        ctx.save_for_backward(q, kw, rpb, pb, saved[1])
-        ctx.ks = ks
+        grouped = not triton_av.available(value) and _grouped(h, w, ks)
+        if grouped:
+            order = _group_order(h, w, ks, q.device)[0]
+            out = _grouped_kernel_av(q.index_select(2, order), kw, _bias(rpb, pb, h, w, True), value, ks)
+            saved = value
+        else:
+            kernel = _softmax_kernel(q, kw, _bias(rpb, pb, h, w))
+            out, (_, saved) = av_forward(_as_attn(kernel, h, w, value.dtype), value, ks)
+        ctx.save_for_backward(q, kw, rpb, pb, saved)
+        ctx.ks, ctx.grouped = ks, grouped
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, kw, rpb, pb, v = ctx.saved_tensors
         h, w = grad_out.shape[-2:]
-        kernel = _softmax_kernel(q, kw, rpb, pb, h, w)  # recomputed
-        attn = _as_attn(kernel, h, w, v.dtype)
-        grad_attn, grad_value = av_backward((attn, v), grad_out, ctx.ks, (True, ctx.needs_input_grad[4]))
-        del attn
-        grad_kernel = grad_attn.permute(0, 2, 3, 1).reshape(kernel.shape).to(kernel.dtype)  # a view: attn's layout
-        grad_logits = torch._softmax_backward_data(grad_kernel, kernel, -1, kernel.dtype)
-        del kernel, grad_kernel
+        ks, need = ctx.ks, ctx.needs_input_grad
+        need_bias = need[2] or need[3]
+        if ctx.grouped:
+            order, inverse, _ = _group_order(h, w, ks, q.device)
+            grad_q, grad_kw, grad_bias, grad_value = _grouped_kernel_av_backward(
+                q.index_select(2, order), kw, _bias(rpb, pb, h, w, True), v, grad_out, ks, (need_bias, need[4]))
+            grad_q = grad_q.index_select(2, inverse)  # back to pixel order
+        else:
+            kernel = _softmax_kernel(q, kw, _bias(rpb, pb, h, w))  # recomputed
+            grad_attn, grad_value = av_backward((_as_attn(kernel, h, w, v.dtype), v), grad_out, ks, (True, need[4]))
+            grad_kernel = grad_attn.permute(0, 2, 3, 1).reshape(kernel.shape).to(kernel.dtype)  # attn's layout
+            grad_logits = torch._softmax_backward_data(grad_kernel, kernel, -1, kernel.dtype)
+            del kernel, grad_kernel
+            grad_bias = grad_logits.sum(0) if need_bias else None  # (G, HW, K*K)
+            grad_logits = grad_logits.to(q.dtype)
+            grad_q, grad_kw = torch.matmul(grad_logits, kw.mT), torch.matmul(q.mT, grad_logits)
         grad_rpb = grad_pb = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            grad_bias = grad_logits.sum(0)  # (G, HW, K*K)
+        if need_bias:
             grad_pb = grad_bias.sum((0, 1))
-            flat = _rpb_index(h, w, ctx.ks, rpb.device)
+            flat = _rpb_index(h, w, ks, rpb.device, ctx.grouped)
             grad_rpb = torch.zeros_like(rpb).view(rpb.shape[0], -1).index_add_(
                 1, flat, grad_bias.view(rpb.shape[0], -1)).view_as(rpb)
-            del grad_bias
-        grad_logits = grad_logits.to(q.dtype)
-        grad_q = torch.matmul(grad_logits, kw.mT) if ctx.needs_input_grad[0] else None
-        grad_kw = torch.matmul(q.mT, grad_logits) if ctx.needs_input_grad[1] else None
-        return grad_q, grad_kw, grad_rpb, grad_pb, grad_value, None
+        return grad_q if need[0] else None, grad_kw if need[1] else None, grad_rpb, grad_pb, grad_value, None
 
 
 def kernel_av(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor, value: torch.Tensor,
@@ -277,58 +336,61 @@ def _groups(h: int, w: int, ks: int):
             yield slice(i0, i1), slice(j0, j1), slice(sr, sr + ks), slice(sc, sc + ks)
 
 
-SLAB_RUNS = 4  # at most this many column runs: aggregate whole row slabs (see ``_grouped_forward``)
+@_cached
+def _group_order(h: int, w: int, ks: int, device):
+    """The pixels listed group by group (row-major inside a group): (order (HW,) pixel indices, its inverse,
+    [(first, end, rows, cols, window rows, window cols)] of each group's run in that order)."""
+    idx = torch.arange(h * w, device=device).view(h, w)
+    parts, runs, first = [], [], 0
+    for rows, cols, wr, wc in _groups(h, w, ks):
+        parts.append(idx[rows, cols].reshape(-1))
+        runs.append((first, first + parts[-1].numel(), rows, cols, wr, wc))
+        first += parts[-1].numel()
+    order = torch.cat(parts)
+    return order, torch.argsort(order), runs
 
 
-def _slabs(weights: torch.Tensor, w: int, ks: int) -> bool:
-    """Whether rows of pixels can be taken as whole slabs: weights (N, H, W, K*K) contiguous, so a slab of rows is a
-    free (N, R*W, K*K) view, and few column runs, so multiplying a window with the whole slab costs little."""
-    return weights.is_contiguous() and w - ks + 1 <= SLAB_RUNS
-
-
-def _grouped_forward(attn: torch.Tensor, value: torch.Tensor, ks: int):
+def _grouped_forward(weights: torch.Tensor, value: torch.Tensor, ks: int) -> torch.Tensor:
     """Maps barely wider than K (stage 3 and 4 at 224x224) have few distinct windows: (H-K+1) x (W-K+1), 1 to 16.
-    Each group of pixels sharing a window is one matmul of that window's values (N, c, K*K) with the group's weights,
-    so nothing is scattered and no window is copied more than once. A group's weights are a strided block of the
-    (N, H, W, K*K) kernel, which a matmul would copy; with few column runs each window multiplies the whole slab
-    of rows instead (a free view; the columns of the other runs are computed and dropped). The backward needs attn
-    (a view) and value only and repeats the per-group slicing (transient memory: one group's weights)."""
+    With the weights (N, H*W, K*K) listed group by group (``_group_order``: ``kernel_av`` computes them in that
+    order), each group of pixels sharing a window is one matmul of that window's values (N, c, K*K) with a
+    contiguous run of weights: nothing is scattered, no weight copied, no window copied more than once."""
     n, c, h, w = value.shape
-    weights = attn.permute(0, 2, 3, 1)  # (N, H, W, K*K): a free view of ContMix's layout
     out = value.new_empty(n, c, h, w)
-    slabs = _slabs(weights, w, ks)
-    for rows, cols, wr, wc in _groups(h, w, ks):
+    for first, end, rows, cols, wr, wc in _group_order(h, w, ks, value.device)[2]:
         window = value[:, :, wr, wc].reshape(n, c, ks * ks)
-        if slabs:
-            slab = weights[:, rows].reshape(n, -1, ks * ks)
-            out[:, :, rows, cols] = torch.matmul(window, slab.mT).view(n, c, -1, w)[..., cols]
-        else:
-            blk = weights[:, rows, cols]
-            out[:, :, rows, cols] = torch.matmul(window, blk.reshape(n, -1, ks * ks).mT).view(n, c, *blk.shape[1:3])
-    return out, (attn, value)
+        out[:, :, rows, cols] = torch.matmul(window, weights[:, first:end].mT).view(
+            n, c, rows.stop - rows.start, cols.stop - cols.start)
+    return out
 
 
-def _grouped_backward(saved: Tuple[torch.Tensor, ...], grad_out: torch.Tensor, ks: int, need: Tuple[bool, bool]):
-    attn, value = saved
+def _grouped_backward(weights: torch.Tensor, value: torch.Tensor, grad_out: torch.Tensor, ks: int,
+                      need: Tuple[bool, bool]):
+    """(gradient of the group-ordered weights (N, H*W, K*K), gradient of value), the ones ``need`` asks for."""
     n, c, h, w = value.shape
-    weights = attn.permute(0, 2, 3, 1)
-    grad_w = value.new_empty(n, h, w, ks * ks) if need[0] else None  # attn's layout
+    grad_w = value.new_empty(n, h * w, ks * ks) if need[0] else None
     grad_v = torch.zeros_like(value) if need[1] else None
-    slabs = _slabs(weights, w, ks)
-    for rows, cols, wr, wc in _groups(h, w, ks):
+    for first, end, rows, cols, wr, wc in _group_order(h, w, ks, value.device)[2]:
         g = grad_out[:, :, rows, cols].reshape(n, c, -1)  # (N, c, P)
         if need[0]:
-            window = value[:, :, wr, wc].reshape(n, c, ks * ks)
-            grad_w[:, rows, cols] = torch.matmul(g.mT, window).view(n, *grad_w[:, rows, cols].shape[1:])
-        if need[1] and slabs:  # the group's gradient, zero on the slab's other columns, times the whole slab
-            g_slab = grad_out.new_zeros(n, c, rows.stop - rows.start, w)
-            g_slab[..., cols] = g.view(n, c, rows.stop - rows.start, -1)
-            slab = weights[:, rows].reshape(n, -1, ks * ks)
-            grad_v[:, :, wr, wc] += torch.matmul(g_slab.view(n, c, -1), slab).view(n, c, ks, ks)
-        elif need[1]:
-            blk = weights[:, rows, cols].reshape(n, -1, ks * ks)  # (N, P, K*K)
-            grad_v[:, :, wr, wc] += torch.matmul(g, blk).view(n, c, ks, ks)
-    return grad_w.permute(0, 3, 1, 2) if need[0] else None, grad_v
+            grad_w[:, first:end] = torch.matmul(g.mT, value[:, :, wr, wc].reshape(n, c, ks * ks))
+        if need[1]:
+            grad_v[:, :, wr, wc] += torch.matmul(g, weights[:, first:end]).view(n, c, ks, ks)
+    return grad_w, grad_v
+
+
+def _to_groups(attn: torch.Tensor) -> torch.Tensor:
+    """(N, K*K, H, W) attn -> (N, H*W, K*K) weights in the grouped path's pixel order."""
+    n, kk, h, w = attn.shape
+    order = _group_order(h, w, int(kk ** 0.5), attn.device)[0]
+    return attn.permute(0, 2, 3, 1).reshape(n, h * w, kk).index_select(1, order)
+
+
+def _from_groups(weights: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of ``_to_groups``: (N, H*W, K*K) group-ordered -> (N, K*K, H, W) (a view of pixel order)."""
+    n, _, kk = weights.shape
+    inverse = _group_order(h, w, int(kk ** 0.5), weights.device)[1]
+    return weights.index_select(1, inverse).view(n, h, w, kk).permute(0, 3, 1, 2)
 
 
 def _grouped(h: int, w: int, ks: int) -> bool:
@@ -341,7 +403,7 @@ def av_forward(attn: torch.Tensor, value: torch.Tensor, ks: int) -> Tuple[torch.
     if triton_av.available(value):
         return triton_av.av_forward(attn, value, ks)
     if _grouped(*value.shape[-2:], ks):
-        return _grouped_forward(attn, value, ks)
+        return _grouped_forward(_to_groups(attn), value, ks), (attn, value)
     return _tiled_forward(attn, value.contiguous(), ks)
 
 
@@ -350,7 +412,9 @@ def av_backward(saved: Tuple[torch.Tensor, ...], grad_out: torch.Tensor, ks: int
     if triton_av.available(saved[1]):
         return triton_av.av_backward(saved, grad_out, ks, need)
     if _grouped(*grad_out.shape[-2:], ks):
-        return _grouped_backward(saved, grad_out, ks, need)
+        attn, value = saved
+        grad_w, grad_v = _grouped_backward(_to_groups(attn), value, grad_out, ks, need)
+        return None if grad_w is None else _from_groups(grad_w, *value.shape[-2:]), grad_v
     return _tiled_backward(saved, grad_out, ks, need)
 
 
