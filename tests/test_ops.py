@@ -145,11 +145,15 @@ def test_dw_conv2d_gradcheck_fft_path():
     assert torch.autograd.gradcheck(lambda a, wt: dw_conv2d(a, wt, None, 1), (x, weight))
 
 
+@pytest.mark.parametrize('chunked', [False, True])
 @pytest.mark.parametrize('h,w,specs', [(17, 23, ((7, 1), (3, 2), (5, 3))), (20, 18, ((17, 1), (3, 7), (9, 2)))])
-def test_spectral_grads_match_autograd(h, w, specs):
+def test_spectral_grads_match_autograd(h, w, specs, chunked, monkeypatch):
     """A DilatedReparamBlock's branch gradients in frequency space (one transform of the input, one inverse for
-    the summed input gradient) equal autograd through the convolutions, odd sizes and dilations included."""
-    from overlock_core.ops import SpectralGrads
+    the summed input gradient) equal autograd through the convolutions, odd sizes and dilations included; also
+    with the inverse transforms in chunks (of a few channels, as on large maps)."""
+    from overlock_core.ops import SpectralGrads, dwconv
+    if chunked:
+        monkeypatch.setattr(dwconv, 'IRFFT_BYTES', 5000)
     x = torch.randn(3, 4, h, w, dtype=torch.float64, requires_grad=True)
     ws = [torch.randn(4, 1, k, k, dtype=torch.float64, requires_grad=True) for k, _ in specs]
     gs = [torch.randn(3, 4, h, w, dtype=torch.float64) for _ in specs]
