@@ -168,18 +168,20 @@ def test_spectral_grads_match_autograd(h, w, specs, chunked, monkeypatch):
 
 
 def test_bn_branch_sum_spectral_path_matches_per_branch(monkeypatch):
-    """bn_branch_sum on a map over 16x16 takes the frequency-space backward; its gradients equal the per-branch
-    path's, and the LayerNorm's with it."""
+    """bn_branch_sum on a map over 16x16 takes the frequency-space backward (with enough taps per transform; not
+    with one image or small kernels: ``SpectralGrads.use``); its gradients equal the per-branch path's, and the
+    LayerNorm's with it."""
     from timm.layers import LayerNorm2d
     from overlock_core.ops import SpectralGrads, bn_branch_sum, dwconv
-    specs = ((9, 1), (5, 1), (3, 2), (3, 5))
+    specs = ((13, 1), (5, 1), (3, 2), (3, 5))
     x = torch.randn(2, 3, 18, 21, dtype=torch.float64, requires_grad=True)
     ws = [torch.randn(3, 1, k, k, dtype=torch.float64, requires_grad=True) for k, _ in specs]
     norm = LayerNorm2d(3).double()
-    assert SpectralGrads.use(x)
+    assert SpectralGrads.use(x, [k for k, _ in specs])
+    assert not SpectralGrads.use(x[:1], [9, 5, 3, 3]) and not SpectralGrads.use(x, [7, 5, 3, 3])
     grads = []
     for spectral in (True, False):
-        monkeypatch.setattr(dwconv.SpectralGrads, 'use', staticmethod(lambda t, on=spectral: on))
+        monkeypatch.setattr(dwconv.SpectralGrads, 'use', staticmethod(lambda *a, on=spectral: on))
         bns = [torch.nn.BatchNorm2d(3).double().train() for _ in specs]
         out = bn_branch_sum(x, ws, [d for _, d in specs], bns, norm)
         g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)

@@ -39,6 +39,8 @@ SMALL_MAP_MAX_K = 13  # ... at most this many taps: grouped-conv weight gradient
 NHWC_SPAN = 14  # kernels spanning this many pixels or more run channels-last
 DILATED_PAD = 6  # oneDNN's dilated depth-wise kernels leave their fast path from padding 7 on (7-15x slower)
 WIDEN = {13: 15}  # channels-last: oneDNN runs 13x13 depth-wise kernels 2.1-2.5x slower than them padded to 15x15
+SPECTRAL_TAPS = 15  # SpectralGrads.use: the taps per transform from which frequency space pays (measured at 1-8 images)
+SPECTRAL_MAP = 64 * 64  # ... and the map size from which it always does
 IRFFT_BYTES = 1 << 20  # inverse transforms in chunks of this much spectrum (``_irfft2``)
 
 
@@ -160,8 +162,18 @@ class SpectralGrads:
         return _taps(corr, kernel_size, dilation).flip(2, 3)
 
     @staticmethod
-    def use(x: torch.Tensor) -> bool:
-        return x.device.type == 'cpu' and x.shape[-2] * x.shape[-1] > SMALL_MAP
+    def use(x: torch.Tensor, kernel_sizes: Sequence[int]) -> bool:
+        """Whether it beats the per-branch methods for branches of ``kernel_sizes`` on x: a CPU map over 16x16 and
+        enough work per transform. The per-branch cost grows with images x taps; the spectral one is
+        (n + 2) x B map-sized transforms plus 2n channel-sized ones (kernels and kernel gradients), which batch 1
+        does not amortise: a 13x13 block at 50x80 (800x1280 stage 3) ran 89 ms per branch against 103 in frequency
+        space at batch 1, 192 against 179 at batch 2; 7x7 (stage 4) was faster per branch at batches 1-8. Maps over
+        64x64 gain from it anyway (13x13 at 100x160, batch 1: 445 against 360 ms)."""
+        b, (h, w) = x.shape[0], x.shape[-2:]
+        if x.device.type != 'cpu' or h * w <= SMALL_MAP:
+            return False
+        n, taps = len(kernel_sizes), sum(k * k for k in kernel_sizes)
+        return h * w > SPECTRAL_MAP or b * taps >= SPECTRAL_TAPS * ((n + 2) * b + 2 * n)
 
     def add(self, weight: torch.Tensor, dilation: int, grad: torch.Tensor, mask: Tuple[bool, bool]):
         """Takes branch (weight, dilation)'s output gradient; returns its kernel gradient if mask[1] asks for it and

@@ -99,7 +99,8 @@ class _BranchSum(torch.autograd.Function):
         need_x = need[0] or (has_ln and (need[5 + 3 * n] or need[6 + 3 * n]))  # the LayerNorm's grads need it too
         u = x if not has_ln else _ln2d(x, ln[0], ln[1], ctx.ln_eps)[0].to(ctx.dtype)  # recomputed
         grad_x, grads_w, grads_g, grads_b, layouts, scratch = None, [], [], [], {}, {}
-        spectral = SpectralGrads(u, [w.shape[-1] for w in weights], ctx.dilations) if SpectralGrads.use(u) else None
+        sizes = [w.shape[-1] for w in weights]
+        spectral = SpectralGrads(u, sizes, ctx.dilations) if SpectralGrads.use(u, sizes) else None
         for i, (w, d, gamma, eps) in enumerate(zip(weights, ctx.dilations, gammas, ctx.eps)):
             z = kept if i == 0 and kept is not None else _conv(_laid_out(u, w, d, layouts), w, None, d)  # recomputed
             # gz: a buffer reused by every branch; the spectral path's own transform buffer when the dtypes agree
