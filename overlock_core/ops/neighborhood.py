@@ -80,7 +80,7 @@ def _rpb_index(height: int, width: int, k: int, device, grouped: bool = False) -
     rows, cols = _displacements(height, k, device), _displacements(width, k, device)  # (H, K), (W, K)
     flat = rows[:, None, :, None] * (2 * k - 1) + cols[None, :, None, :]  # (H, W, K, K)
     if grouped:
-        return flat.reshape(height * width, k * k)[_group_order(height, width, k, device)[0]].reshape(-1)
+        return _pick(flat.reshape(height * width, k * k), 0, _group_order(height, width, k, device)[0]).reshape(-1)
     return flat.reshape(-1)
 
 
@@ -262,7 +262,7 @@ class _KernelAV(torch.autograd.Function):
         grouped = not triton_av.available(value) and _grouped(h, w, ks)
         if grouped:
             order = _group_order(h, w, ks, q.device)[0]
-            out = _grouped_kernel_av(q.index_select(2, order), kw, _bias(rpb, pb, h, w, True), value, ks)
+            out = _grouped_kernel_av(_pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), value, ks)
             saved = value
         else:
             kernel = _softmax_kernel(q, kw, _bias(rpb, pb, h, w))
@@ -280,8 +280,8 @@ class _KernelAV(torch.autograd.Function):
         if ctx.grouped:
             order, inverse, _ = _group_order(h, w, ks, q.device)
             grad_q, grad_kw, grad_bias, grad_value = _grouped_kernel_av_backward(
-                q.index_select(2, order), kw, _bias(rpb, pb, h, w, True), v, grad_out, ks, (need_bias, need[4]))
-            grad_q = grad_q.index_select(2, inverse)  # back to pixel order
+                _pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), v, grad_out, ks, (need_bias, need[4]))
+            grad_q = _pick(grad_q, 2, inverse)  # back to pixel order
         else:
             kernel = _softmax_kernel(q, kw, _bias(rpb, pb, h, w))  # recomputed
             grad_attn, grad_value = av_backward((_as_attn(kernel, h, w, v.dtype), v), grad_out, ks, (True, need[4]))
@@ -339,7 +339,8 @@ def _groups(h: int, w: int, ks: int):
 @_cached
 def _group_order(h: int, w: int, ks: int, device):
     """The pixels listed group by group (row-major inside a group): (order (HW,) pixel indices, its inverse,
-    [(first, end, rows, cols, window rows, window cols)] of each group's run in that order)."""
+    [(first, end, rows, cols, window rows, window cols)] of each group's run in that order); order and inverse
+    are None for a single group (the pixel order itself)."""
     idx = torch.arange(h * w, device=device).view(h, w)
     parts, runs, first = [], [], 0
     for rows, cols, wr, wc in _groups(h, w, ks):
@@ -347,7 +348,7 @@ def _group_order(h: int, w: int, ks: int, device):
         runs.append((first, first + parts[-1].numel(), rows, cols, wr, wc))
         first += parts[-1].numel()
     order = torch.cat(parts)
-    return order, torch.argsort(order), runs
+    return (None, None, runs) if len(runs) == 1 else (order, torch.argsort(order), runs)  # None: pixel order
 
 
 def _grouped_forward(weights: torch.Tensor, value: torch.Tensor, ks: int) -> torch.Tensor:
@@ -379,18 +380,23 @@ def _grouped_backward(weights: torch.Tensor, value: torch.Tensor, grad_out: torc
     return grad_w, grad_v
 
 
+def _pick(t: torch.Tensor, dim: int, index) -> torch.Tensor:
+    """t reordered along ``dim`` by ``index`` (``_group_order``'s order or inverse); t itself if that is None."""
+    return t if index is None else t.index_select(dim, index)
+
+
 def _to_groups(attn: torch.Tensor) -> torch.Tensor:
     """(N, K*K, H, W) attn -> (N, H*W, K*K) weights in the grouped path's pixel order."""
     n, kk, h, w = attn.shape
     order = _group_order(h, w, int(kk ** 0.5), attn.device)[0]
-    return attn.permute(0, 2, 3, 1).reshape(n, h * w, kk).index_select(1, order)
+    return _pick(attn.permute(0, 2, 3, 1).reshape(n, h * w, kk), 1, order)
 
 
 def _from_groups(weights: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """The inverse of ``_to_groups``: (N, H*W, K*K) group-ordered -> (N, K*K, H, W) (a view of pixel order)."""
     n, _, kk = weights.shape
     inverse = _group_order(h, w, int(kk ** 0.5), weights.device)[1]
-    return weights.index_select(1, inverse).view(n, h, w, kk).permute(0, 3, 1, 2)
+    return _pick(weights, 1, inverse).view(n, h, w, kk).permute(0, 3, 1, 2)
 
 
 def _grouped(h: int, w: int, ks: int) -> bool:
