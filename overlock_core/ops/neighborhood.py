@@ -354,8 +354,9 @@ def _group_order(h: int, w: int, ks: int, device):
 def _grouped_forward(weights: torch.Tensor, value: torch.Tensor, ks: int) -> torch.Tensor:
     """Maps barely wider than K (stage 3 and 4 at 224x224) have few distinct windows: (H-K+1) x (W-K+1), 1 to 16.
     With the weights (N, H*W, K*K) listed group by group (``_group_order``: ``kernel_av`` computes them in that
-    order), each group of pixels sharing a window is one matmul of that window's values (N, c, K*K) with a
-    contiguous run of weights: nothing is scattered, no weight copied, no window copied more than once."""
+    order; ``na2d_av`` reorders its attn, one copy unless the map has a single window), each group of pixels sharing
+    a window is one matmul of that window's values (N, c, K*K) with a contiguous run of weights: nothing is
+    scattered, no window copied more than once."""
     n, c, h, w = value.shape
     out = value.new_empty(n, c, h, w)
     for first, end, rows, cols, wr, wc in _group_order(h, w, ks, value.device)[2]:
