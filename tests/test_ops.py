@@ -169,8 +169,8 @@ def test_spectral_grads_match_autograd(h, w, specs, chunked, monkeypatch):
 
 def test_bn_branch_sum_spectral_path_matches_per_branch(monkeypatch):
     """bn_branch_sum on a map over 16x16 takes the frequency-space backward (with enough taps per transform; not
-    with one image or small kernels: ``SpectralGrads.use``); its gradients equal the per-branch path's, and the
-    LayerNorm's with it."""
+    with one image or small kernels: ``SpectralGrads.use``), 3x3 branches on small maps beside it per branch; its
+    gradients equal the per-branch path's, and the LayerNorm's with it."""
     from timm.layers import LayerNorm2d
     from overlock_core.ops import SpectralGrads, bn_branch_sum, dwconv
     specs = ((13, 1), (5, 1), (3, 2), (3, 5))
@@ -179,6 +179,8 @@ def test_bn_branch_sum_spectral_path_matches_per_branch(monkeypatch):
     norm = LayerNorm2d(3).double()
     assert SpectralGrads.use(x, [k for k, _ in specs])
     assert not SpectralGrads.use(x[:1], [9, 5, 3, 3]) and not SpectralGrads.use(x, [7, 5, 3, 3])
+    spectral = SpectralGrads(x.detach(), [k for k, _ in specs], [d for _, d in specs])
+    assert spectral.takes(13) and not spectral.takes(3)  # this map is small: its 3x3 branches run per branch
     grads = []
     for spectral in (True, False):
         monkeypatch.setattr(dwconv.SpectralGrads, 'use', staticmethod(lambda *a, on=spectral: on))

@@ -103,15 +103,16 @@ class _BranchSum(torch.autograd.Function):
         spectral = SpectralGrads(u, sizes, ctx.dilations) if SpectralGrads.use(u, sizes) else None
         for i, (w, d, gamma, eps) in enumerate(zip(weights, ctx.dilations, gammas, ctx.eps)):
             z = kept if i == 0 and kept is not None else _conv(_laid_out(u, w, d, layouts), w, None, d)  # recomputed
+            freq = spectral is not None and spectral.takes(w.shape[-1])
             # gz: a buffer reused by every branch; the spectral path's own transform buffer when the dtypes agree
-            into = spectral.interior() if spectral is not None and spectral.buf.dtype == z.dtype else None
+            into = spectral.interior() if freq and spectral.buf.dtype == z.dtype else None
             gz, gg, gb = torch.ops.aten.native_batch_norm_backward.out(
                 g, z, gamma, None, None, stats[2 * i], stats[2 * i + 1], True, eps, [True, True, True],
                 out0=_scratch(scratch, z) if into is None else into, out1=torch.empty_like(gamma),
                 out2=torch.empty_like(gamma))
             del z
             kept = None
-            if spectral is not None:  # large maps: all branches' gradients in frequency space
+            if freq:  # large maps: the branches' gradients in frequency space
                 gw = spectral.add(w, d, gz, (need_x, need[5 + i]))
             else:
                 gx, gw = dw_conv2d_backward(u, w, gz, d, (need_x, need[5 + i]), layouts)
@@ -120,7 +121,8 @@ class _BranchSum(torch.autograd.Function):
             grads_g.append(gg)
             grads_b.append(gb)
         if spectral is not None:
-            grad_x = spectral.input_grad()
+            gx = spectral.input_grad()
+            grad_x = gx if grad_x is None or gx is None else gx.add_(grad_x)
             del spectral
         grads_ln = []
         if has_ln:
