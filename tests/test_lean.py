@@ -104,24 +104,6 @@ def test_dw_bn_act_conv_is_bitwise_the_plain_chain(act):
                                     (xd, dw.weight, dw.bias, bn.weight, bn.bias, conv.weight, conv.bias))
 
 
-@pytest.mark.parametrize('k,kept', [(17, True), (15, False)])
-def test_bn_branch_sum_keeps_a_wide_first_branch(k, kept):
-    """On maps over 16x16 the first branch's output is kept for kernels of 17 or more (stage 1, where re-running
-    it costs most) and recomputed otherwise; the gradients are the same either way (float64)."""
-    x = _leaf(1, 2, 20, 20)
-    weights, dil = [_leaf(2, 1, k, k), _leaf(2, 1, 3, 3)], [1, 2]
-    bns, saved = [_bn(2), _bn(2)], []
-    refs = copy.deepcopy(bns)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = bn_branch_sum(x, weights, dil, bns)
-    assert sum(t.shape == x.shape for t in saved) == (2 if kept else 1)
-    grads = torch.autograd.grad(out.pow(2).sum(), [x, *weights])
-    want = sum(bn(nn.functional.conv2d(x, w, None, padding=d * (w.shape[-1] // 2), dilation=d, groups=2))
-               for bn, w, d in zip(refs, weights, dil))
-    for got, ref in zip(grads, torch.autograd.grad(want.pow(2).sum(), [x, *weights])):
-        torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
-
-
 @pytest.mark.parametrize('keep_first', [True, False])
 def test_bn_branch_sum_gradcheck_and_cumulative_momentum(keep_first, monkeypatch):
     """The DilatedReparamBlock training form: sum of BN(dw conv) branches, dilated ones included; momentum=None

@@ -4,11 +4,11 @@ Autograd saves one map per op: a DilatedReparamBlock keeps the input of each of 
 MLP chain (1x1 conv, GELU, x + DW3x3, GRN, 1x1 conv) four hidden-width maps. Those made OverLoCK-T's training
 memory about 3x ConvNeXt-T's. Here the backward recomputes them from what is kept:
 
-* ``bn_branch_sum``: sum_i BN_i(dwconv_i(x)) in training mode keeps x and the batch statistics (and the first
-  branch's output on maps up to 16x16 or for kernels of 17 or more, ``KEEP_FIRST``); the backward re-runs each other
-  branch convolution (a forward depth-wise conv) before that branch's BatchNorm and conv backward (on large CPU maps
-  all branches' conv gradients together in frequency space, ``SpectralGrads``). A LayerNorm in front (``norm``)
-  runs inside, its output recomputed instead of kept.
+* ``bn_branch_sum``: sum_i BN_i(dwconv_i(x)) in training mode keeps x and the batch statistics (and on maps up to
+  16x16 the first branch's output, ``KEEP_FIRST``); the backward re-runs each other branch convolution (a forward
+  depth-wise conv) before that branch's BatchNorm and conv backward (on large CPU maps all branches' conv gradients
+  together in frequency space, ``SpectralGrads``). A LayerNorm in front (``norm``) runs inside, its output
+  recomputed instead of kept.
 * ``bn_act``: act(BN(x)) keeps x, not also the BatchNorm output.
 * ``gated_bn_conv``: conv1x1(BN(y * s * gate)) (the Focus-Net block's output projection) keeps y, s and gate.
 * ``dw_bn_act_conv``: conv1x1(GELU(BN(DW3x3(x)))) (the Focus-Net fusion chain) keeps x, not also the BatchNorm
@@ -55,12 +55,9 @@ def _scratch(buffers: dict, like: torch.Tensor) -> torch.Tensor:
     return buffers[key]
 
 
-# The first branch's output, the K x K conv's, is kept rather than recomputed on maps up to 16x16 (stage 3 at 224:
-# 1.7 of the ~3 ms the recomputation costs a block at batch 8, for 1.6 MB a block) and for kernels of 17 or more
-# (stage 1: a 17x17 depth-wise conv; a 224 block at batch 8 163 -> 153 ms, for 6.4 MB a block; at stage 2's 15x15
-# no gain was measurable)
+# On maps up to 16x16 (stage 3 at 224) the first branch's output, the K x K conv's, is kept rather than recomputed:
+# 1.7 of the ~3 ms the recomputation costs a block at batch 8, for 1.6 MB a block
 KEEP_FIRST = SMALL_MAP
-KEEP_FIRST_K = 17
 
 
 class _BranchSum(torch.autograd.Function):
@@ -77,7 +74,7 @@ class _BranchSum(torch.autograd.Function):
             z = _conv(_laid_out(u, w, d, layouts), w, None, d)
             if out is None:
                 out, mean, invstd = torch.ops.aten.native_batch_norm(z, gamma, beta, rm, rv, True, momentum, eps)
-                kept = z if z.shape[-2] * z.shape[-1] <= KEEP_FIRST or w.shape[-1] >= KEEP_FIRST_K else None
+                kept = z if z.shape[-2] * z.shape[-1] <= KEEP_FIRST else None
             else:  # the other branches' outputs go through one reused buffer into the sum
                 mean, invstd = stats[0].new_empty(stats[0].shape), stats[1].new_empty(stats[1].shape)
                 y = torch.ops.aten.native_batch_norm.out(z, gamma, beta, rm, rv, True, momentum, eps,
