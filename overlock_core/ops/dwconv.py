@@ -15,9 +15,10 @@ result and computes both gradients with forward-style operations:
   through ``torch.fft`` (cost independent of K, summed over the batch in frequency space, in at least fp32);
   otherwise PyTorch's weight gradient on channels-last inputs, where it is fast.
 * ``SpectralGrads``: both gradients of a sum of depth-wise convolutions of one input (a DilatedReparamBlock's
-  branches) in frequency space on maps larger than 16x16: the input's transform is shared by every branch, each
-  branch adds one transform of its output gradient, and one inverse transform gives the summed input gradient.
-  On the 56x56 and 28x28 maps of a 224 input this is 1.5-2.4x faster than the per-branch methods above.
+  branches) in frequency space on maps larger than 16x16 with enough work per transform (``SpectralGrads.use``;
+  3x3 branches on maps up to 32x32 stay per branch, ``takes``): the input's transform is shared by every branch,
+  each branch adds one transform of its output gradient, and one inverse transform gives the summed input
+  gradient. On the 56x56 and 28x28 maps of a 224 input this is 1.5-2.4x faster than the per-branch methods above.
 
 The thresholds come from timing every shape OverLoCK meets on a 2-core x86 CPU (oneDNN); they only pick between
 exact methods. On other devices, and for plain 3x3 kernels, ``dw_conv2d`` is ``F.conv2d``.
