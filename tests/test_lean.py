@@ -53,6 +53,25 @@ def test_kernel_av_matches_composite(path, h, w, monkeypatch):
     assert torch.autograd.gradcheck(lambda *t: kernel_av(*t, 3), small)
 
 
+@pytest.mark.parametrize('path', ['grouped', 'tiled'])
+def test_kernel_av_gradients_of_some_inputs(path, monkeypatch):
+    """Only the inputs that need a gradient get one (the others' products are skipped), and those equal autograd
+    through the composite."""
+    from overlock_core.ops import neighborhood
+    monkeypatch.setattr(neighborhood, 'MAX_GROUPS', 10 ** 6 if path == 'grouped' else 0)
+    b, g, d, h, w, k = 2, 2, 3, 7, 8, 5
+    shapes = [(b, g, h * w, d), (b, g, d, k * k), (g, 2 * k - 1, 2 * k - 1), (k * k,), (b * g, 4, h, w)]
+    for mask in [(1, 1, 0, 0, 0), (0, 1, 1, 1, 0), (1, 0, 0, 0, 1), (0, 0, 1, 0, 0)]:
+        q, kw, rpb, pb, value = ts = [torch.randn(*s, dtype=D, requires_grad=bool(m)) for s, m in zip(shapes, mask)]
+        wanted = [t for t in ts if t.requires_grad]
+        out = kernel_av(q, kw, rpb, pb, value, k)
+        attn = (q @ kw + rpb_bias(rpb, h, w) + pb).softmax(-1)
+        ref = na2d_av_reference(attn.reshape(b * g, h, w, k * k).permute(0, 3, 1, 2), value, k)
+        grad = torch.randn_like(out)
+        for got, want in zip(torch.autograd.grad(out, wanted, grad), torch.autograd.grad(ref, wanted, grad)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+
+
 def test_kernel_av_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match='do not fit K=5'):
         kernel_av(torch.randn(1, 2, 16, 3), torch.randn(1, 2, 3, 9), torch.randn(2, 9, 9), torch.randn(25),

@@ -179,8 +179,8 @@ def test_bn_branch_sum_spectral_path_matches_per_branch(monkeypatch):
     norm = LayerNorm2d(3).double()
     assert SpectralGrads.use(x, [k for k, _ in specs])
     assert not SpectralGrads.use(x[:1], [9, 5, 3, 3]) and not SpectralGrads.use(x, [7, 5, 3, 3])
-    spectral = SpectralGrads(x.detach(), [k for k, _ in specs], [d for _, d in specs])
-    assert spectral.takes(13) and not spectral.takes(3)  # this map is small: its 3x3 branches run per branch
+    sg = SpectralGrads(x.detach(), [k for k, _ in specs], [d for _, d in specs])
+    assert sg.takes(13) and not sg.takes(3)  # this map is small: its 3x3 branches run per branch
     grads = []
     for spectral in (True, False):
         monkeypatch.setattr(dwconv.SpectralGrads, 'use', staticmethod(lambda *a, on=spectral: on))

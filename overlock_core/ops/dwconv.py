@@ -58,9 +58,10 @@ def dilate_and_pad(kernel: torch.Tensor, dilation: int, size: int) -> torch.Tens
     return F.pad(out, (pad, pad, pad, pad))
 
 
-def _layout(x: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
+def _layout(x: torch.Tensor, kernel_size: int, dilation: int, cache: Optional[dict] = None) -> torch.Tensor:
+    """x in the layout the conv is fastest with; ``cache``: see ``_in_format``."""
     if dilation * (kernel_size - 1) + 1 >= NHWC_SPAN:
-        return x.contiguous(memory_format=torch.channels_last)
+        return _in_format(x, torch.channels_last, cache)
     return x  # small kernels are fast in either layout: avoid a copy
 
 

@@ -227,26 +227,28 @@ def _grouped_kernel_av(q, kw, bias, value, ks):
 
 def _grouped_kernel_av_backward(q, kw, bias, value, grad_out, ks, need):
     """The backward of ``_grouped_kernel_av``, group by group as well: (grad q in group order, grad kw, grad bias
-    (G, HW, K*K) in group order or None, grad value or None) for ``need`` = (bias, value)."""
+    (G, HW, K*K) in group order, grad value), each None unless ``need`` (q, kw, bias, value) asks for it."""
     n, c, h, w = value.shape
-    grad_q, grad_kw = torch.empty_like(q), None
-    grad_bias = bias.new_empty(bias.shape) if need[0] else None
-    grad_v = torch.zeros_like(value) if need[1] else None
+    grad_q, grad_kw = torch.empty_like(q) if need[0] else None, None
+    grad_bias = bias.new_empty(bias.shape) if need[2] else None
+    grad_v = torch.zeros_like(value) if need[3] else None
     for first, end, rows, cols, wr, wc in _group_order(h, w, ks, value.device)[2]:
         q_g = q[:, :, first:end]
         kernel = _softmax_kernel(q_g, kw, bias[:, first:end])  # recomputed
         g = grad_out[:, :, rows, cols].reshape(n, c, -1)  # (N, c, P)
         grad_kernel = torch.matmul(g.mT, value[:, :, wr, wc].reshape(n, c, ks * ks)).view(kernel.shape)
-        if need[1]:
+        if need[3]:
             grad_v[:, :, wr, wc] += torch.matmul(g, kernel.to(value.dtype).view(n, -1, ks * ks)).view(n, c, ks, ks)
         grad_logits = torch._softmax_backward_data(grad_kernel.to(kernel.dtype), kernel, -1, kernel.dtype)
         del kernel, grad_kernel
-        if need[0]:
+        if need[2]:
             grad_bias[:, first:end] = grad_logits.sum(0)
         grad_logits = grad_logits.to(q.dtype)
-        grad_q[:, :, first:end] = torch.matmul(grad_logits, kw.mT)
-        part = torch.matmul(q_g.mT, grad_logits)
-        grad_kw = part if grad_kw is None else grad_kw.add_(part)
+        if need[0]:
+            grad_q[:, :, first:end] = torch.matmul(grad_logits, kw.mT)
+        if need[1]:
+            part = torch.matmul(q_g.mT, grad_logits)
+            grad_kw = part if grad_kw is None else grad_kw.add_(part)
     return grad_q, grad_kw, grad_bias, grad_v
 
 
@@ -280,8 +282,9 @@ class _KernelAV(torch.autograd.Function):
         if ctx.grouped:
             order, inverse, _ = _group_order(h, w, ks, q.device)
             grad_q, grad_kw, grad_bias, grad_value = _grouped_kernel_av_backward(
-                _pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), v, grad_out, ks, (need_bias, need[4]))
-            grad_q = _pick(grad_q, 2, inverse)  # back to pixel order
+                _pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), v, grad_out, ks,
+                (need[0], need[1], need_bias, need[4]))
+            grad_q = None if grad_q is None else _pick(grad_q, 2, inverse)  # back to pixel order
         else:
             kernel = _softmax_kernel(q, kw, _bias(rpb, pb, h, w))  # recomputed
             grad_attn, grad_value = av_backward((_as_attn(kernel, h, w, v.dtype), v), grad_out, ks, (True, need[4]))
@@ -290,14 +293,15 @@ class _KernelAV(torch.autograd.Function):
             del kernel, grad_kernel
             grad_bias = grad_logits.sum(0) if need_bias else None  # (G, HW, K*K)
             grad_logits = grad_logits.to(q.dtype)
-            grad_q, grad_kw = torch.matmul(grad_logits, kw.mT), torch.matmul(q.mT, grad_logits)
+            grad_q = torch.matmul(grad_logits, kw.mT) if need[0] else None
+            grad_kw = torch.matmul(q.mT, grad_logits) if need[1] else None
         grad_rpb = grad_pb = None
         if need_bias:
             grad_pb = grad_bias.sum((0, 1))
             flat = _rpb_index(h, w, ks, rpb.device, ctx.grouped)
             grad_rpb = torch.zeros_like(rpb).view(rpb.shape[0], -1).index_add_(
                 1, flat, grad_bias.view(rpb.shape[0], -1)).view_as(rpb)
-        return grad_q if need[0] else None, grad_kw if need[1] else None, grad_rpb, grad_pb, grad_value, None
+        return grad_q, grad_kw, grad_rpb, grad_pb, grad_value, None
 
 
 def kernel_av(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor, value: torch.Tensor,

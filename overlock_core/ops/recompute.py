@@ -26,17 +26,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .dwconv import NHWC_SPAN, SMALL_MAP, SpectralGrads, _conv, _in_format, autocast_args, dw_conv2d_backward
+from .dwconv import SMALL_MAP, SpectralGrads, _conv, _layout, autocast_args, dw_conv2d_backward
 from .grn import _channels_last, grn_backward, grn_forward, grn_scale
 
 __all__ = ['bn_act', 'bn_branch_sum', 'bn_momentum', 'conv_mlp', 'dw_bn_act_conv', 'gated_bn_conv',
            'image_groups']
-
-
-def _laid_out(x: torch.Tensor, w: torch.Tensor, d: int, layouts: dict) -> torch.Tensor:
-    """x in the layout the branch's conv is fastest with (``dwconv._layout``), converted once per layout across the
-    branches sharing ``layouts`` (their kernel gradients draw on the same dict)."""
-    return _in_format(x, torch.channels_last, layouts) if d * (w.shape[-1] - 1) + 1 >= NHWC_SPAN else x
 
 
 def _ln2d(x, weight, bias, eps):
@@ -71,7 +65,7 @@ class _BranchSum(torch.autograd.Function):
             u = u.to(dtype)
         out, stats, layouts, scratch, kept = None, [], {}, {}, None
         for w, d, (rm, rv, momentum, eps), gamma, beta in zip(weights, dilations, bn_args, gammas, betas):
-            z = _conv(_laid_out(u, w, d, layouts), w, None, d)
+            z = _conv(_layout(u, w.shape[-1], d, layouts), w, None, d)
             if out is None:
                 out, mean, invstd = torch.ops.aten.native_batch_norm(z, gamma, beta, rm, rv, True, momentum, eps)
                 kept = z if z.shape[-2] * z.shape[-1] <= KEEP_FIRST else None
@@ -99,7 +93,8 @@ class _BranchSum(torch.autograd.Function):
         sizes = [w.shape[-1] for w in weights]
         spectral = SpectralGrads(u, sizes, ctx.dilations) if SpectralGrads.use(u, sizes) else None
         for i, (w, d, gamma, eps) in enumerate(zip(weights, ctx.dilations, gammas, ctx.eps)):
-            z = kept if i == 0 and kept is not None else _conv(_laid_out(u, w, d, layouts), w, None, d)  # recomputed
+            # the kept first output, or recomputed
+            z = kept if i == 0 and kept is not None else _conv(_layout(u, w.shape[-1], d, layouts), w, None, d)
             freq = spectral is not None and spectral.takes(w.shape[-1])
             # gz: a buffer reused by every branch; the spectral path's own transform buffer when the dtypes agree
             into = spectral.interior() if freq and spectral.buf.dtype == z.dtype else None
@@ -118,8 +113,8 @@ class _BranchSum(torch.autograd.Function):
             grads_g.append(gg)
             grads_b.append(gb)
         if spectral is not None:
-            gx = spectral.input_grad()
-            grad_x = gx if grad_x is None or gx is None else gx.add_(grad_x)
+            gx = spectral.input_grad()  # plus the input gradients of branches it did not take
+            grad_x = gx if grad_x is None else grad_x if gx is None else gx.add_(grad_x)
             del spectral
         grads_ln = []
         if has_ln:
