@@ -72,6 +72,21 @@ def test_kernel_av_gradients_of_some_inputs(path, monkeypatch):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
 
 
+
+@pytest.mark.parametrize('path', ['grouped', 'tiled'])
+def test_kernel_av_custom_ops_for_the_compiler(path, monkeypatch):
+    """The operators compiled graphs call (torch.library.opcheck: fake shapes and strides, schema, autograd,
+    traced forward and backward against eager), on both paths and with a channels-last value map."""
+    from overlock_core.ops import neighborhood
+    monkeypatch.setattr(neighborhood, 'MAX_GROUPS', 10 ** 6 if path == 'grouped' else 0)
+    b, g, d, h, w, k = 2, 2, 3, 7, 8, 5
+    value = _leaf(b * g, 4, h, w).detach().to(memory_format=torch.channels_last).requires_grad_()
+    args = (_leaf(b, g, h * w, d), _leaf(b, g, d, k * k), _leaf(g, 2 * k - 1, 2 * k - 1), _leaf(k * k), value, k)
+    torch.library.opcheck(torch.ops.overlock.kernel_av, args)
+    grad = torch.randn(b * g, 4, h, w, dtype=D)
+    torch.library.opcheck(torch.ops.overlock.kernel_av_backward,
+                          (*(t.detach() for t in args[:5]), grad, k, [True, False, True, True, True]))
+
 def test_kernel_av_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match='do not fit K=5'):
         kernel_av(torch.randn(1, 2, 16, 3), torch.randn(1, 2, 3, 9), torch.randn(2, 9, 9), torch.randn(25),

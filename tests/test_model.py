@@ -148,6 +148,26 @@ def test_grad_checkpointing_equivalence():
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+
+def test_whole_model_compiles_as_one_graph_with_eager_gradients():
+    """torch.compile(model): one graph for the whole training-form model (no graph break, so no recompiles with
+    symbolic shapes) on maps where the eager CPU paths (frequency-space and widened depth-wise kernels) would be
+    taken, and the traced forward and backward (our autograd functions included) give eager's outputs and
+    gradients. ``aot_eager`` traces exactly what inductor gets, without its C++ build (minutes on this CPU)."""
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    m = OverLoCK('test', num_classes=5, drop_path_rate=0.0).train()
+    x = torch.randn(2, 3, 96, 96).to(memory_format=torch.channels_last)  # stage 1 at 24x24: over 16x16
+    assert dynamo.explain(m)(x).graph_break_count == 0
+    mc = torch.compile(copy.deepcopy(m), backend='aot_eager', fullgraph=True)
+    y, yc = m(x), mc(x)
+    torch.testing.assert_close(yc, y, rtol=1e-4, atol=1e-5)
+    y.square().mean().backward()
+    yc.square().mean().backward()
+    scale = max(p.grad.abs().max() for p in m.parameters())  # BN-cancelled biases have ~0 gradients: absolute
+    for (n, p), pc in zip(m.named_parameters(), mc.parameters()):
+        torch.testing.assert_close(pc.grad, p.grad, rtol=1e-4, atol=1e-5 * scale.item(), msg=n)
+
 def test_features_only_and_intermediates():
     m = timm.create_model('test_overlock', features_only=True, out_indices=(1, 3))
     feats = m(torch.randn(1, 3, 96, 128))

@@ -76,14 +76,31 @@ def test_contmix_half_precision_stays_finite():
     assert y32.dtype == torch.float32 and torch.isfinite(y32).all()
 
 
-def test_blocks_trace_without_graph_breaks():
-    """torch.compile sees each block (ContMix and its autograd operator included) as one graph."""
+@pytest.mark.parametrize('size', [9, 20])
+def test_blocks_trace_without_graph_breaks(size):
+    """torch.compile sees each block (ContMix and its autograd operator included) as one graph, also on maps over
+    16x16 where the eager CPU paths (frequency-space backward, channels-last widened kernels) would be taken."""
     import torch._dynamo as dynamo
     from overlock_core.models.layers import RepConvBlock
-    x, ctx = torch.randn(1, 32, 9, 9), torch.randn(1, 12, 9, 9)
+    torch._dynamo.reset()
+    x, ctx = torch.randn(1, 32, size, size), torch.randn(1, 12, size, size)
     assert dynamo.explain(DynamicConvBlock(32, 12, 7, 5, 2))(x, ctx, ctx).graph_break_count == 0
-    assert dynamo.explain(RepConvBlock(16, 7))(torch.randn(1, 16, 9, 9)).graph_break_count == 0
+    x = torch.randn(1, 16, size, size).to(memory_format=torch.channels_last)
+    assert dynamo.explain(RepConvBlock(16, 13))(x).graph_break_count == 0
 
+
+
+@pytest.mark.parametrize('k,d,cl', [(13, 1, True), (3, 7, False), (9, 2, False)])
+def test_dw_conv2d_custom_ops_for_the_compiler(k, d, cl):
+    """The operators compiled graphs call (torch.library.opcheck: fake shapes and strides, schema, autograd)."""
+    from overlock_core.ops import dwconv  # noqa: F401  registers overlock::dw_conv2d
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = torch.randn(2, 3, 20, 20, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    w = torch.randn(3, 1, k, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.overlock.dw_conv2d, (x, w, b, d))
+    torch.library.opcheck(torch.ops.overlock.dw_conv2d_backward, (x.detach(), w.detach(), torch.randn_like(x), d,
+                                                                 True, False))
 
 @pytest.mark.parametrize('path', ['grouped', 'tiled'])
 def test_na2d_both_paths_match_reference(path, monkeypatch):

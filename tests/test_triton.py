@@ -57,6 +57,14 @@ INTERPRETED = textwrap.dedent('''
     want = torch.autograd.grad(ref, leaves, grad.to(D))
     for x, y in zip((out,) + got, (ref,) + want):
         torch.testing.assert_close(x.to(D), y, rtol=1e-4, atol=1e-5)
+    calls, av_forward = [], triton_av.av_forward  # compiled, kernel_av still reaches the kernels (custom operator)
+    triton_av.av_forward = lambda *a: calls.append(1) or av_forward(*a)
+    compiled = torch.compile(lambda *t: kernel_av(*t, k), backend='aot_eager', fullgraph=True)
+    out_c = compiled(q, kw, rpb, pb, value)
+    got_c = torch.autograd.grad(out_c, (q, kw, rpb, pb, value), grad)
+    assert calls, 'compiled kernel_av did not call the Triton kernels'
+    for x, y in zip((out_c,) + got_c, (out,) + got):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     print('ok')
 ''')
 
@@ -66,7 +74,7 @@ INTERPRETED = textwrap.dedent('''
 def test_triton_kernels_in_interpreter():
     """Forward, grad_attn and grad_value of the fused kernels equal the float64 definition on odd shapes (K 3 to 13,
     maps barely wider than K or narrower than 2K - 1, both attn layouts, strided values), and kernel_av through them
-    equals the composite."""
+    equals the composite, also compiled."""
     env = dict(os.environ, TRITON_INTERPRET='1', OVERLOCK_TRITON='1')
     res = subprocess.run([sys.executable, '-c', INTERPRETED], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith('ok'), res.stderr[-3000:]

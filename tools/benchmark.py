@@ -17,6 +17,7 @@ varying part of the peak); CUDA peak memory is torch.cuda.max_memory_allocated a
   python tools/benchmark.py --ops                             # aggregation operator vs the unfold formulation
   python tools/benchmark.py --device cuda --dtype bf16 --channels-last --json bench.json
   python tools/benchmark.py --models overlock_t --modes train --repeats 1 --profile 20   # where a step's time goes
+  python tools/benchmark.py --compile --device cuda          # both models through torch.compile (slow to compile on CPU)
 """
 import argparse
 import json
@@ -103,6 +104,9 @@ def run_model(a: Dict) -> Dict:
     fmt = torch.channels_last if a['channels_last'] else torch.contiguous_format
     model = model.to(memory_format=fmt)
     x = torch.randn(a['batch'], 3, *a['size'], device=dev).to(memory_format=fmt)
+    params = model
+    if a.get('compile'):
+        model = torch.compile(model)
     amp = torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32)
 
     def out_sum(out):
@@ -121,13 +125,19 @@ def run_model(a: Dict) -> Dict:
             with amp:
                 loss = out_sum(model(x))
             loss.backward()
-            for p in model.parameters():
+            for p in params.parameters():
                 p.grad = None
+    compile_s = None
+    if a.get('compile'):  # the first call compiles: neither its time nor its memory is a step's
+        t0 = time.perf_counter()
+        step()
+        _sync(dev)
+        compile_s = time.perf_counter() - t0
     base = _reset_peak(dev)  # before the first step: what glibc keeps after it would hide part of the peak
     step()
     sec = _time(step, dev, a['warmup'], a['iters'])
     res = dict(seconds=sec, images_per_s=a['batch'] / sec, peak_mib=_peak(dev) - base,
-               params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+               params_m=sum(p.numel() for p in model.parameters()) / 1e6, compile_s=compile_s)
     if a.get('profile'):
         res['profile'] = _profile(step, dev, a['profile'])
     return res
@@ -208,6 +218,9 @@ def main(argv=None):
                       help="OverLoCK with lean='max' (the MLPs keep no hidden map: less memory, more time)")
     ap.add_argument('--profile', type=int, default=0, metavar='N',
                     help='also profile one step of each model and print its N costliest operators (self time)')
+    ap.add_argument('--compile', action='store_true',
+                    help='torch.compile every model (inductor); the compiling first call is neither timed nor in '
+                         'the peak (on the CPU the heap it leaves hides the steps\' own peak: read CUDA peaks only)')
     ap.add_argument('--cudnn-benchmark', action='store_true', help='let cuDNN pick its algorithms by timing them')
     ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--iters', type=int, default=3)
@@ -248,6 +261,7 @@ def main(argv=None):
         print(f"{h}x{w}, batch {args.batch}, {args.device}, {args.threads} threads, {args.dtype}"
               f"{', channels_last' if args.channels_last else ''}{', backbone only' if args.backbone else ''}"
               f"{', gradient checkpointing' if args.grad_checkpointing else ''}"
+              f"{', torch.compile' if args.compile else ''}"
               f"{', OverLoCK without recomputation (--no-lean)' if args.lean is False else ''}"
               f"{', OverLoCK lean=max' if args.lean == 'max' else ''}"
               f"{', OverLoCK lean=True' if args.lean is True else ''}")
@@ -259,7 +273,7 @@ def main(argv=None):
                     r = _worker(dict(common, kind='model', model=model, mode=mode, size=[h, w], dtype=args.dtype,
                                      channels_last=args.channels_last, backbone=args.backbone,
                                      grad_checkpointing=args.grad_checkpointing, lean=args.lean,
-                                     profile=args.profile))
+                                     profile=args.profile, compile=args.compile))
                     results.setdefault((model, mode), []).append(r)
         for (model, mode), runs in results.items():
             ok = [r for r in runs if 'error' not in r]
@@ -271,13 +285,15 @@ def main(argv=None):
             r = dict(model=model, mode=mode, size=[h, w], seconds=statistics.median(times),
                      peak_mib=statistics.median(r['peak_mib'] for r in ok), params_m=ok[0]['params_m'],
                      runs=[r['seconds'] for r in ok], peak_runs=[r['peak_mib'] for r in ok],
-                     profile=ok[0].get('profile'))
+                     profile=ok[0].get('profile'), compile_s=[r['compile_s'] for r in ok] if args.compile else None)
             r['images_per_s'] = args.batch / r['seconds']
             rows.append(r)
             spread = (max(times) - min(times)) / r['seconds'] * 100
             print(f"{model:18}{mode:7}{r['seconds'] * 1e3:10.1f}{r['images_per_s']:9.2f}"
                   f"{r['peak_mib']:10.0f}{r['params_m']:10.2f}{spread:9.0f}%")
         for r in rows:
+            if r.get('compile_s'):
+                print(f"  {r['model']} {r['mode']}: compiled in {', '.join(f'{c:.0f}' for c in r['compile_s'])} s")
             for name, ms, calls in r.get('profile') or []:
                 print(f"  {r['model']} {r['mode']}: {ms:9.2f} ms {calls:6d}x  {name}")
         sys.stdout.flush()

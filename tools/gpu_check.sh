@@ -36,3 +36,8 @@ step 90 "${BENCH[@]}" --repeats 1 --batch 1 --size 800 1280 --modes train --back
 # 4. where a dense training step of OverLoCK-T spends its GPU time
 step 60 "${BENCH[@]}" --repeats 1 --batch 1 --size 800 1280 --modes train --backbone --models overlock_t \
     --profile 25 --json "$OUT/profile_800x1280.json"
+# 5. with COMPILE=1: both models through torch.compile (compiling OverLoCK-T's training graph took 26 min on the
+#    2-core CPU; unmeasured on a GPU host, hence opt-in)
+if [ "${COMPILE:-0}" = 1 ]; then
+    step 540 "${BENCH[@]}" --repeats 1 --compile --models overlock_t convnext_tiny --json "$OUT/models_224_b8_compiled.json"
+fi

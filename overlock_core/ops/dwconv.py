@@ -21,7 +21,9 @@ result and computes both gradients with forward-style operations:
   gradient. On the 56x56 and 28x28 maps of a 224 input this is 1.5-2.4x faster than the per-branch methods above.
 
 The thresholds come from timing every shape OverLoCK meets on a 2-core x86 CPU (oneDNN); they only pick between
-exact methods. On other devices, and for plain 3x3 kernels, ``dw_conv2d`` is ``F.conv2d``.
+exact methods. On other devices, and for plain 3x3 kernels, ``dw_conv2d`` is ``F.conv2d``. Under ``torch.compile``
+the graph calls the custom operators ``overlock::dw_conv2d`` and ``overlock::dw_conv2d_backward`` (the same methods,
+opaque to the compiler).
 """
 from typing import Optional, Sequence, Tuple
 
@@ -69,7 +71,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], d
     k = weight.shape[-1]
     # not while a dispatch mode watches (FlopCounterMode, tracers): they should see the model's own kernel
     if dilation == 1 and k in WIDEN and x.device.type == 'cpu' and _channels_last(x) \
-            and _get_current_dispatch_mode() is None:
+            and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None:
         weight = F.pad(weight, ((WIDEN[k] - k) // 2,) * 4)  # zero taps around: the same convolution
     pad = dilation * (weight.shape[-1] - 1) // 2
     if dilation > 1 and pad > DILATED_PAD and x.device.type == 'cpu':  # e.g. 3x3 with dilation 7 (K=15, 17, 19)
@@ -284,4 +286,54 @@ def dw_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     weight, dilation = dense_dilated(weight, dilation, x)
     x, weight, bias = autocast_args('cpu', x, weight, bias)
     with torch.autocast('cpu', enabled=False):
+        if torch.compiler.is_compiling():  # opaque to the compiler: its graph calls the methods above
+            return torch.ops.overlock.dw_conv2d(x, weight, bias, dilation)
         return _DepthwiseConv.apply(x, weight, bias, dilation)
+
+
+# The same function as custom operators for torch.compile. Traced, _DepthwiseConv would become aten's depth-wise
+# backward (10-100x slower on the CPU for the large kernels) and its data-pointer tests would break the graph.
+def _out_format(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.memory_format:
+    return torch.channels_last if _channels_last(_layout(x, weight.shape[-1], dilation)) else torch.contiguous_format
+
+
+@torch.library.custom_op('overlock::dw_conv2d', mutates_args=())
+def _dw_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  dilation: int) -> torch.Tensor:
+    out = _conv(_layout(x, weight.shape[-1], dilation), weight, bias, dilation)
+    return out.contiguous(memory_format=_out_format(x, weight, dilation))
+
+
+@_dw_conv2d_op.register_fake
+def _(x, weight, bias, dilation):
+    return x.new_empty(x.shape).contiguous(memory_format=_out_format(x, weight, dilation))
+
+
+@torch.library.custom_op('overlock::dw_conv2d_backward', mutates_args=())
+def _dw_conv2d_backward_op(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, dilation: int,
+                           need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    gx, gw = dw_conv2d_backward(x, weight, grad, dilation, (need_x, need_w))
+    return (x.new_empty(0) if gx is None else gx.contiguous(),
+            weight.new_empty(0) if gw is None else gw.to(weight.dtype).contiguous())
+
+
+@_dw_conv2d_backward_op.register_fake
+def _(x, weight, grad, dilation, need_x, need_w):
+    return x.new_empty(x.shape if need_x else 0), weight.new_empty(weight.shape if need_w else 0)
+
+
+def _dw_op_setup(ctx, inputs, output):
+    x, weight, bias, ctx.dilation = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _dw_op_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gx, gw = torch.ops.overlock.dw_conv2d_backward(x, weight, grad, ctx.dilation, need[0], need[1])
+    gb = grad.sum((0, 2, 3)).to(weight.dtype) if ctx.has_bias and need[2] else None
+    return gx if need[0] else None, gw if need[1] else None, gb, None
+
+
+_dw_conv2d_op.register_autograd(_dw_op_backward, setup_context=_dw_op_setup)

@@ -19,16 +19,18 @@ distinct window. On GPUs both passes are fused Triton kernels instead (``triton_
 the plain formulation (unfold the windows, replicate-pad the borders, weighted sum) kept for benchmarks,
 ``na2d_av_reference`` a direct loop over pixels kept for tests. ``kernel_av`` is ContMix's whole dynamic step
 (soft-maxed kernel with its relative-position bias, then the aggregation) as one function that recomputes the
-kernel in the backward instead of keeping it.
+kernel in the backward instead of keeping it; under ``torch.compile`` it is the custom operator pair
+``overlock::kernel_av`` / ``overlock::kernel_av_backward``.
 """
 import functools
-from typing import Callable, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from . import triton_av
 from .dwconv import autocast_args
+from .grn import _channels_last
 
 __all__ = ['kernel_av', 'na2d_av', 'na2d_av_reference', 'na2d_av_unfold', 'rpb_bias', 'window_starts']
 
@@ -151,7 +153,7 @@ def _tiled_forward(attn: torch.Tensor, value: torch.Tensor, ks: int):
     n, c, h, w = value.shape
     rows = _window_indices(h, ks, value.device)
     tiles = _tiles(w, ks, value.device)
-    v_t = value.permute(0, 2, 3, 1).contiguous()  # (N, H, W, c)
+    v_t = _channels_last_values(value)
     a5 = attn.permute(0, 2, 3, 1).reshape(n, h, w, ks, ks)  # a view of ContMix's (N, H, W, K*K) layout
     out = value.new_zeros(n * h, tiles.n, tiles.tile, c)
     cols = tiles.columns(v_t)
@@ -252,6 +254,56 @@ def _grouped_kernel_av_backward(q, kw, bias, value, grad_out, ks, need):
     return grad_q, grad_kw, grad_bias, grad_v
 
 
+def _kernel_av_grouped(value: torch.Tensor, ks: int) -> bool:
+    return not triton_av.available(value) and _grouped(*value.shape[-2:], ks)
+
+
+def _channels_last_values(value: torch.Tensor) -> torch.Tensor:
+    """(N, c, H, W) -> contiguous (N, H, W, c): the tiled path's form of the values, kept for its backward."""
+    return value.permute(0, 2, 3, 1).contiguous()
+
+
+def _kernel_av_forward(q, kw, rpb, pb, value, ks):
+    """(output, the value tensor the backward needs) of ``kernel_av``."""
+    h, w = value.shape[-2:]
+    if _kernel_av_grouped(value, ks):
+        order = _group_order(h, w, ks, q.device)[0]
+        return _grouped_kernel_av(_pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), value, ks), value
+    kernel = _softmax_kernel(q, kw, _bias(rpb, pb, h, w))
+    out, (_, saved) = av_forward(_as_attn(kernel, h, w, value.dtype), value, ks)
+    return out, saved
+
+
+def _kernel_av_backward(q, kw, rpb, pb, v, grad_out, ks, need, grouped):
+    """The gradients of ``kernel_av``'s five tensor inputs that ``need`` asks for (None for the others); v is what
+    ``_kernel_av_forward`` returned beside its output."""
+    h, w = grad_out.shape[-2:]
+    need_bias = need[2] or need[3]
+    if grouped:
+        order, inverse, _ = _group_order(h, w, ks, q.device)
+        grad_q, grad_kw, grad_bias, grad_value = _grouped_kernel_av_backward(
+            _pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), v, grad_out, ks,
+            (need[0], need[1], need_bias, need[4]))
+        grad_q = None if grad_q is None else _pick(grad_q, 2, inverse)  # back to pixel order
+    else:
+        kernel = _softmax_kernel(q, kw, _bias(rpb, pb, h, w))  # recomputed
+        grad_attn, grad_value = av_backward((_as_attn(kernel, h, w, v.dtype), v), grad_out, ks, (True, need[4]))
+        grad_kernel = grad_attn.permute(0, 2, 3, 1).reshape(kernel.shape).to(kernel.dtype)  # attn's layout
+        grad_logits = torch._softmax_backward_data(grad_kernel, kernel, -1, kernel.dtype)
+        del kernel, grad_kernel
+        grad_bias = grad_logits.sum(0) if need_bias else None  # (G, HW, K*K)
+        grad_logits = grad_logits.to(q.dtype)
+        grad_q = torch.matmul(grad_logits, kw.mT) if need[0] else None
+        grad_kw = torch.matmul(q.mT, grad_logits) if need[1] else None
+    grad_rpb = grad_pb = None
+    if need_bias:
+        grad_pb = grad_bias.sum((0, 1))
+        flat = _rpb_index(h, w, ks, rpb.device, grouped)
+        grad_rpb = torch.zeros_like(rpb).view(rpb.shape[0], -1).index_add_(
+            1, flat, grad_bias.view(rpb.shape[0], -1)).view_as(rpb)
+    return grad_q, grad_kw, grad_rpb, grad_pb, grad_value
+
+
 class _KernelAV(torch.autograd.Function):
     """ContMix's dynamic kernel and its aggregation in one function: the kernel (B*G*H*W*K*K values, ten times the
     aggregated values at K=13) is recomputed in the backward from q and kw, not kept. On the grouped path the
@@ -260,48 +312,61 @@ class _KernelAV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, kw, rpb, pb, value, ks):
-        h, w = value.shape[-2:]
-        grouped = not triton_av.available(value) and _grouped(h, w, ks)
-        if grouped:
-            order = _group_order(h, w, ks, q.device)[0]
-            out = _grouped_kernel_av(_pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), value, ks)
-            saved = value
-        else:
-            kernel = _softmax_kernel(q, kw, _bias(rpb, pb, h, w))
-            out, (_, saved) = av_forward(_as_attn(kernel, h, w, value.dtype), value, ks)
+        out, saved = _kernel_av_forward(q, kw, rpb, pb, value, ks)
         ctx.save_for_backward(q, kw, rpb, pb, saved)
-        ctx.ks, ctx.grouped = ks, grouped
+        ctx.ks, ctx.grouped = ks, _kernel_av_grouped(value, ks)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, kw, rpb, pb, v = ctx.saved_tensors
-        h, w = grad_out.shape[-2:]
-        ks, need = ctx.ks, ctx.needs_input_grad
-        need_bias = need[2] or need[3]
-        if ctx.grouped:
-            order, inverse, _ = _group_order(h, w, ks, q.device)
-            grad_q, grad_kw, grad_bias, grad_value = _grouped_kernel_av_backward(
-                _pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), v, grad_out, ks,
-                (need[0], need[1], need_bias, need[4]))
-            grad_q = None if grad_q is None else _pick(grad_q, 2, inverse)  # back to pixel order
-        else:
-            kernel = _softmax_kernel(q, kw, _bias(rpb, pb, h, w))  # recomputed
-            grad_attn, grad_value = av_backward((_as_attn(kernel, h, w, v.dtype), v), grad_out, ks, (True, need[4]))
-            grad_kernel = grad_attn.permute(0, 2, 3, 1).reshape(kernel.shape).to(kernel.dtype)  # attn's layout
-            grad_logits = torch._softmax_backward_data(grad_kernel, kernel, -1, kernel.dtype)
-            del kernel, grad_kernel
-            grad_bias = grad_logits.sum(0) if need_bias else None  # (G, HW, K*K)
-            grad_logits = grad_logits.to(q.dtype)
-            grad_q = torch.matmul(grad_logits, kw.mT) if need[0] else None
-            grad_kw = torch.matmul(q.mT, grad_logits) if need[1] else None
-        grad_rpb = grad_pb = None
-        if need_bias:
-            grad_pb = grad_bias.sum((0, 1))
-            flat = _rpb_index(h, w, ks, rpb.device, ctx.grouped)
-            grad_rpb = torch.zeros_like(rpb).view(rpb.shape[0], -1).index_add_(
-                1, flat, grad_bias.view(rpb.shape[0], -1)).view_as(rpb)
-        return grad_q, grad_kw, grad_rpb, grad_pb, grad_value, None
+        return *_kernel_av_backward(*ctx.saved_tensors, grad_out, ctx.ks, ctx.needs_input_grad, ctx.grouped), None
+
+
+# kernel_av as custom operators for torch.compile: traced, its per-group loops unroll into thousands of graph nodes
+# (26 min to compile OverLoCK-T's training step on this CPU) and the GPU's Triton kernels would not be used.
+def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last if _channels_last(like) else torch.contiguous_format)
+
+
+@torch.library.custom_op('overlock::kernel_av', mutates_args=())
+def _kernel_av_op(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor, value: torch.Tensor,
+                  ks: int) -> torch.Tensor:
+    return _like(_kernel_av_forward(q, kw, rpb, pb, value, ks)[0], value)
+
+
+@_kernel_av_op.register_fake
+def _(q, kw, rpb, pb, value, ks):
+    return _like(value.new_empty(value.shape), value)
+
+
+@torch.library.custom_op('overlock::kernel_av_backward', mutates_args=())
+def _kernel_av_backward_op(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor,
+                           value: torch.Tensor, grad_out: torch.Tensor, ks: int,
+                           need: List[bool]) -> List[torch.Tensor]:
+    grouped = _kernel_av_grouped(value, ks)
+    v = value if grouped or triton_av.available(value) else _channels_last_values(value)  # as the forward kept it
+    grads = _kernel_av_backward(q, kw, rpb, pb, v, grad_out, ks, need, grouped)
+    return [t.new_empty(0) if g is None else g.to(t.dtype).contiguous()
+            for g, t in zip(grads, (q, kw, rpb, pb, value))]
+
+
+@_kernel_av_backward_op.register_fake
+def _(q, kw, rpb, pb, value, grad_out, ks, need):
+    return [t.new_empty(t.shape if n else 0) for t, n in zip((q, kw, rpb, pb, value), need)]
+
+
+def _kernel_av_op_setup(ctx, inputs, output):
+    *tensors, ctx.ks = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _kernel_av_op_backward(ctx, grad_out):
+    need = list(ctx.needs_input_grad[:5])
+    grads = torch.ops.overlock.kernel_av_backward(*ctx.saved_tensors, grad_out, ctx.ks, need)
+    return *(g if n else None for g, n in zip(grads, need)), None
+
+
+_kernel_av_op.register_autograd(_kernel_av_op_backward, setup_context=_kernel_av_op_setup)
 
 
 def kernel_av(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor, value: torch.Tensor,
@@ -316,6 +381,8 @@ def kernel_av(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Te
     dev = value.device.type
     q, kw = autocast_args(dev, q, kw)
     with torch.autocast(dev, enabled=False):
+        if torch.compiler.is_compiling():
+            return torch.ops.overlock.kernel_av(q, kw, rpb, pb, value, kernel_size)
         return _KernelAV.apply(q, kw, rpb, pb, value, kernel_size)
 
 

@@ -29,7 +29,8 @@ __all__ = ['available', 'av_forward', 'av_backward']
 
 def available(t: torch.Tensor) -> bool:
     """Whether the kernels serve this tensor: CUDA (or the interpreter), Triton installed, not switched off, and
-    not inside torch.compile (which generates its own kernels from the PyTorch formulation)."""
+    not while torch.compile traces (the standalone na2d_av is traced in its PyTorch formulation; ContMix's
+    kernel_av reaches the kernels through its custom operator, which runs outside the trace)."""
     if triton is None or os.environ.get('OVERLOCK_TRITON', '1') == '0' or torch.compiler.is_compiling():
         return False
     return t.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'
