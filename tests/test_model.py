@@ -167,6 +167,9 @@ def test_whole_model_compiles_as_one_graph_with_eager_gradients():
     scale = max(p.grad.abs().max() for p in m.parameters())  # BN-cancelled biases have ~0 gradients: absolute
     for (n, p), pc in zip(m.named_parameters(), mc.parameters()):
         torch.testing.assert_close(pc.grad, p.grad, rtol=1e-4, atol=1e-5 * scale.item(), msg=n)
+    deploy = timm.utils.reparameterize_model(m.eval())
+    with torch.no_grad():
+        assert dynamo.explain(deploy)(x).graph_break_count == 0
 
 def test_features_only_and_intermediates():
     m = timm.create_model('test_overlock', features_only=True, out_indices=(1, 3))
