@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .grn import _channels_last
+from .grn import _channels_last, _laid_out_like
 
 __all__ = ['SpectralGrads', 'autocast_args', 'dense_dilated', 'dilate_and_pad', 'dw_conv2d', 'dw_conv2d_backward',
            'dw_weight_grad']
@@ -293,20 +293,16 @@ def dw_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
 
 # The same function as custom operators for torch.compile. Traced, _DepthwiseConv would become aten's depth-wise
 # backward (10-100x slower on the CPU for the large kernels) and its data-pointer tests would break the graph.
-def _out_format(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.memory_format:
-    return torch.channels_last if _channels_last(_layout(x, weight.shape[-1], dilation)) else torch.contiguous_format
-
-
 @torch.library.custom_op('overlock::dw_conv2d', mutates_args=())
 def _dw_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   dilation: int) -> torch.Tensor:
-    out = _conv(_layout(x, weight.shape[-1], dilation), weight, bias, dilation)
-    return out.contiguous(memory_format=_out_format(x, weight, dilation))
+    x = _layout(x, weight.shape[-1], dilation)
+    return _laid_out_like(_conv(x, weight, bias, dilation), x)
 
 
 @_dw_conv2d_op.register_fake
 def _(x, weight, bias, dilation):
-    return x.new_empty(x.shape).contiguous(memory_format=_out_format(x, weight, dilation))
+    return _laid_out_like(x.new_empty(x.shape), _layout(x, weight.shape[-1], dilation))
 
 
 @torch.library.custom_op('overlock::dw_conv2d_backward', mutates_args=())
@@ -314,7 +310,7 @@ def _dw_conv2d_backward_op(x: torch.Tensor, weight: torch.Tensor, grad: torch.Te
                            need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     gx, gw = dw_conv2d_backward(x, weight, grad, dilation, (need_x, need_w))
     return (x.new_empty(0) if gx is None else gx.contiguous(),
-            weight.new_empty(0) if gw is None else gw.to(weight.dtype).contiguous())
+            weight.new_empty(0) if gw is None else gw.contiguous())
 
 
 @_dw_conv2d_backward_op.register_fake

@@ -23,6 +23,11 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def _laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t contiguous, channels-last if ``like`` is: custom operators' outputs and their fake twins agree on strides."""
+    return t.contiguous(memory_format=torch.channels_last if _channels_last(like) else torch.contiguous_format)
+
+
 def _dot_hw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum over H, W of a * b per (image, channel), (N, C, 1, 1) in fp32 or wider. On channels-last maps the
     (N, HW, C) rows go in cache-sized chunks: a full-size product costs an allocation (page faults on a fresh

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import triton_av
 from .dwconv import autocast_args
-from .grn import _channels_last
+from .grn import _laid_out_like
 
 __all__ = ['kernel_av', 'na2d_av', 'na2d_av_reference', 'na2d_av_unfold', 'rpb_bias', 'window_starts']
 
@@ -143,6 +143,11 @@ class _Tiles:
 
 
 _tiles = _cached(_Tiles)
+
+
+def _channels_last_values(value: torch.Tensor) -> torch.Tensor:
+    """(N, c, H, W) -> contiguous (N, H, W, c): the tiled path's form of the values, kept for its backward."""
+    return value.permute(0, 2, 3, 1).contiguous()
 
 
 def _tiled_forward(attn: torch.Tensor, value: torch.Tensor, ks: int):
@@ -258,20 +263,15 @@ def _kernel_av_grouped(value: torch.Tensor, ks: int) -> bool:
     return not triton_av.available(value) and _grouped(*value.shape[-2:], ks)
 
 
-def _channels_last_values(value: torch.Tensor) -> torch.Tensor:
-    """(N, c, H, W) -> contiguous (N, H, W, c): the tiled path's form of the values, kept for its backward."""
-    return value.permute(0, 2, 3, 1).contiguous()
-
-
 def _kernel_av_forward(q, kw, rpb, pb, value, ks):
-    """(output, the value tensor the backward needs) of ``kernel_av``."""
+    """(output, the value tensor the backward needs, whether the grouped path ran) of ``kernel_av``."""
     h, w = value.shape[-2:]
     if _kernel_av_grouped(value, ks):
         order = _group_order(h, w, ks, q.device)[0]
-        return _grouped_kernel_av(_pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), value, ks), value
+        return _grouped_kernel_av(_pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), value, ks), value, True
     kernel = _softmax_kernel(q, kw, _bias(rpb, pb, h, w))
     out, (_, saved) = av_forward(_as_attn(kernel, h, w, value.dtype), value, ks)
-    return out, saved
+    return out, saved, False
 
 
 def _kernel_av_backward(q, kw, rpb, pb, v, grad_out, ks, need, grouped):
@@ -312,9 +312,9 @@ class _KernelAV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, kw, rpb, pb, value, ks):
-        out, saved = _kernel_av_forward(q, kw, rpb, pb, value, ks)
+        out, saved, ctx.grouped = _kernel_av_forward(q, kw, rpb, pb, value, ks)
         ctx.save_for_backward(q, kw, rpb, pb, saved)
-        ctx.ks, ctx.grouped = ks, _kernel_av_grouped(value, ks)
+        ctx.ks = ks
         return out
 
     @staticmethod
@@ -324,28 +324,23 @@ class _KernelAV(torch.autograd.Function):
 
 # kernel_av as custom operators for torch.compile: traced, its per-group loops unroll into thousands of graph nodes
 # (26 min to compile OverLoCK-T's training step on this CPU) and the GPU's Triton kernels would not be used.
-def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last if _channels_last(like) else torch.contiguous_format)
-
-
 @torch.library.custom_op('overlock::kernel_av', mutates_args=())
 def _kernel_av_op(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor, value: torch.Tensor,
                   ks: int) -> torch.Tensor:
-    return _like(_kernel_av_forward(q, kw, rpb, pb, value, ks)[0], value)
+    return _laid_out_like(_kernel_av_forward(q, kw, rpb, pb, value, ks)[0], value)
 
 
 @_kernel_av_op.register_fake
 def _(q, kw, rpb, pb, value, ks):
-    return _like(value.new_empty(value.shape), value)
+    return _laid_out_like(value.new_empty(value.shape), value)
 
 
 @torch.library.custom_op('overlock::kernel_av_backward', mutates_args=())
 def _kernel_av_backward_op(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor,
                            value: torch.Tensor, grad_out: torch.Tensor, ks: int,
                            need: List[bool]) -> List[torch.Tensor]:
-    grouped = _kernel_av_grouped(value, ks)
-    v = value if grouped or triton_av.available(value) else _channels_last_values(value)  # as the forward kept it
-    grads = _kernel_av_backward(q, kw, rpb, pb, v, grad_out, ks, need, grouped)
+    grads = _kernel_av_backward(q, kw, rpb, pb, av_kept_values(value, ks), grad_out, ks, need,
+                                _kernel_av_grouped(value, ks))
     return [t.new_empty(0) if g is None else g.to(t.dtype).contiguous()
             for g, t in zip(grads, (q, kw, rpb, pb, value))]
 
@@ -483,6 +478,13 @@ def av_forward(attn: torch.Tensor, value: torch.Tensor, ks: int) -> Tuple[torch.
     if _grouped(*value.shape[-2:], ks):
         return _grouped_forward(_to_groups(attn), value, ks), (attn, value)
     return _tiled_forward(attn, value.contiguous(), ks)
+
+
+def av_kept_values(value: torch.Tensor, ks: int) -> torch.Tensor:
+    """The values in the form ``av_forward`` keeps them (second of its saved pair), for a backward without it."""
+    if triton_av.available(value) or _grouped(*value.shape[-2:], ks):
+        return value
+    return _channels_last_values(value)
 
 
 def av_backward(saved: Tuple[torch.Tensor, ...], grad_out: torch.Tensor, ks: int, need: Tuple[bool, bool]):

@@ -114,7 +114,8 @@ class _BranchSum(torch.autograd.Function):
             grads_b.append(gb)
         if spectral is not None:
             gx = spectral.input_grad()  # plus the input gradients of branches it did not take
-            grad_x = gx if grad_x is None else grad_x if gx is None else gx.add_(grad_x)
+            if gx is not None:
+                grad_x = gx if grad_x is None else gx.add_(grad_x)
             del spectral
         grads_ln = []
         if has_ln:
