@@ -45,12 +45,18 @@ def test_benchmark_workers_import_their_own_checkout(tmp_path):
 def test_benchmark_harness_writes_json(tmp_path):
     out = tmp_path / 'b.json'
     res = subprocess.run([sys.executable, 'tools/benchmark.py', '--models', 'test_overlock', '--size', '64', '64',
-                          '--batch', '2', '--iters', '1', '--threads', '1', '--json', str(out)],
+                          '--batch', '2', '--iters', '1', '--threads', '1', '--paired', '2', '--json', str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     rows = json.loads(out.read_text())['rows']
+    paired = [r for r in rows if 'paired' in r]
+    rows = [r for r in rows if 'paired' not in r]
     assert {r['mode'] for r in rows} == {'infer', 'train'}
     assert all(r['seconds'] > 0 and r['peak_mib'] >= 0 for r in rows)
+    # --paired: every model timed in one process, one step per round
+    assert {r['paired'] for r in paired} == {'infer', 'train'}
+    assert all(len(r['seconds']['test_overlock']) == 2 and min(r['seconds']['test_overlock']) > 0 for r in paired)
+    assert 'paired, one process, 2 rounds, train: test_overlock' in res.stdout
     res = subprocess.run([sys.executable, 'tools/benchmark.py', '--models', 'test_overlock', '--size', '64', '64',
                           '--batch', '2', '--iters', '1', '--threads', '1', '--repeats', '1', '--modes', 'train',
                           '--no-lean', '--profile', '3'], capture_output=True, text=True, timeout=600)

@@ -18,6 +18,7 @@ varying part of the peak); CUDA peak memory is torch.cuda.max_memory_allocated a
   python tools/benchmark.py --device cuda --dtype bf16 --channels-last --json bench.json
   python tools/benchmark.py --models overlock_t --modes train --repeats 1 --profile 20   # where a step's time goes
   python tools/benchmark.py --compile --device cuda          # both models through torch.compile (slow to compile on CPU)
+  python tools/benchmark.py --models overlock_t convnext_tiny --modes train --paired 10   # plus ratios from one process
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DEFAULT_MODELS = ['overlock_t', 'convnext_tiny', 'overlock_s', 'convnext_small']
+PEERS = (('overlock_t', 'convnext_tiny'), ('overlock_s', 'convnext_small'))  # the ratios printed
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
@@ -85,7 +87,8 @@ def _time(fn, device: str, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def run_model(a: Dict) -> Dict:
+def _build(a: Dict):
+    """(the model, one step of it on its own input) as ``a`` describes them."""
     import timm
     import overlock_core  # noqa: F401
     dev, dtype = a['device'], DTYPES[a['dtype']]
@@ -127,6 +130,12 @@ def run_model(a: Dict) -> Dict:
             loss.backward()
             for p in params.parameters():
                 p.grad = None
+    return params, step
+
+
+def run_model(a: Dict) -> Dict:
+    dev = a['device']
+    model, step = _build(a)
     compile_s = None
     if a.get('compile'):  # the first call compiles: neither its time nor its memory is a step's
         t0 = time.perf_counter()
@@ -141,6 +150,26 @@ def run_model(a: Dict) -> Dict:
     if a.get('profile'):
         res['profile'] = _profile(step, dev, a['profile'])
     return res
+
+
+def run_paired(a: Dict) -> Dict:
+    """Every model of ``a['models']`` in this one process, one step each per round, the order rotating: a slow
+    spell of a shared machine then hits every model alike, and the per-round ratios carry no drift between
+    processes. Returns {model: [seconds of each round]} (no peak memory: the models share the heap)."""
+    dev = a['device']
+    steps = {m: _build(dict(a, model=m))[1] for m in a['models']}
+    for step in steps.values():
+        for _ in range(1 + a['warmup']):
+            step()
+    names, times = list(steps), {m: [] for m in steps}
+    for r in range(a['rounds']):
+        for m in names[r % len(names):] + names[:r % len(names)]:
+            _sync(dev)
+            t0 = time.perf_counter()
+            steps[m]()
+            _sync(dev)
+            times[m].append(time.perf_counter() - t0)
+    return times
 
 
 def _profile(step, device: str, top: int) -> List:
@@ -227,6 +256,9 @@ def main(argv=None):
     ap.add_argument('--repeats', type=int, default=3,
                     help='fresh processes per model and mode, alternating between models; the median is reported '
                          '(step times of one process on a shared CPU drift by 10-20%%)')
+    ap.add_argument('--paired', type=int, default=0, metavar='ROUNDS',
+                    help='also time all models in one process, one step each per round for ROUNDS rounds (the '
+                         'order rotating): time ratios from the same rounds, free of drift between processes')
     ap.add_argument('--ops', action='store_true', help='benchmark the aggregation operator instead of models')
     ap.add_argument('--op-shapes', nargs='+', default=list(OP_SHAPES))
     ap.add_argument('--json', help='write all rows to this file')
@@ -236,7 +268,8 @@ def main(argv=None):
         spec = json.loads(args.worker)
         torch.set_num_threads(spec['threads'])
         torch.backends.cudnn.benchmark = spec.get('cudnn_benchmark', False)
-        print(json.dumps(run_op(spec) if spec.get('kind') == 'op' else run_model(spec)))
+        run = {'op': run_op, 'paired': run_paired}.get(spec.get('kind'), run_model)
+        print(json.dumps(run(spec)))
         return
     common = dict(device=args.device, threads=args.threads, batch=args.batch, warmup=args.warmup, iters=args.iters,
                   cudnn_benchmark=args.cudnn_benchmark)
@@ -267,13 +300,12 @@ def main(argv=None):
               f"{', OverLoCK lean=True' if args.lean is True else ''}")
         print(f"{'model':18}{'mode':7}{'ms/step':>10}{'img/s':>9}{'peak MiB':>10}{'params M':>10}{'spread':>10}")
         results: Dict = {}
+        spec = dict(common, size=[h, w], dtype=args.dtype, channels_last=args.channels_last, backbone=args.backbone,
+                    grad_checkpointing=args.grad_checkpointing, lean=args.lean, compile=args.compile)
         for _ in range(args.repeats):  # models alternate, so a slow spell of the machine hits each of them
             for model in args.models:
                 for mode in args.modes:
-                    r = _worker(dict(common, kind='model', model=model, mode=mode, size=[h, w], dtype=args.dtype,
-                                     channels_last=args.channels_last, backbone=args.backbone,
-                                     grad_checkpointing=args.grad_checkpointing, lean=args.lean,
-                                     profile=args.profile, compile=args.compile))
+                    r = _worker(dict(spec, kind='model', model=model, mode=mode, profile=args.profile))
                     results.setdefault((model, mode), []).append(r)
         for (model, mode), runs in results.items():
             ok = [r for r in runs if 'error' not in r]
@@ -298,12 +330,26 @@ def main(argv=None):
                 print(f"  {r['model']} {r['mode']}: {ms:9.2f} ms {calls:6d}x  {name}")
         sys.stdout.flush()
         by = {(r['model'], r['mode']): r for r in rows if 'error' not in r}
-        for ours, peer in (('overlock_t', 'convnext_tiny'), ('overlock_s', 'convnext_small')):
+        for ours, peer in PEERS:
             for mode in args.modes:
                 if (ours, mode) in by and (peer, mode) in by:
                     a, b = by[(ours, mode)], by[(peer, mode)]
                     print(f'{ours}/{peer} {mode}: time x{a["seconds"] / b["seconds"]:.2f}, '
                           f'peak memory x{a["peak_mib"] / max(b["peak_mib"], 1e-3):.2f}')
+        for mode in args.modes if args.paired else []:
+            times = _worker(dict(spec, kind='paired', models=args.models, mode=mode, rounds=args.paired))
+            if 'error' in times:
+                print(f'paired {mode} error: {times["error"]}')
+                rows.append(dict(paired=mode, size=[h, w], error=times['error']))
+                continue
+            rows.append(dict(paired=mode, size=[h, w], rounds=args.paired, seconds=times))
+            print(f'paired, one process, {args.paired} rounds, {mode}: '
+                  + ', '.join(f'{m} {statistics.median(t) * 1e3:.1f} ms' for m, t in times.items()))
+            for ours, peer in PEERS:
+                if ours in times and peer in times:
+                    ratios = sorted(a / b for a, b in zip(times[ours], times[peer]))
+                    print(f'{ours}/{peer} {mode} (paired): time x{statistics.median(ratios):.2f} '
+                          f'(rounds {ratios[0]:.2f}-{ratios[-1]:.2f})')
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)
