@@ -29,8 +29,9 @@ BENCH=("$PY" tools/benchmark.py --device cuda --warmup 3 --iters 10)
 step 120 "${BENCH[@]}" --ops --json "$OUT/ops_triton.json"
 OVERLOCK_TRITON=0 step 60 "${BENCH[@]}" --ops --op-shapes 'stage3@224 K13' 'stage3@800x1280 K13' \
     --json "$OUT/ops_pytorch.json"
-# 3. models (a worker process takes ~15 s to start there): the settings (batch 8, fp32) and a dense step
-step 150 "${BENCH[@]}" --repeats 1 --models overlock_t convnext_tiny --json "$OUT/models_224_b8.json"
+# 3. models (a worker process takes ~15 s to start there): the settings (batch 8, fp32; also paired in one
+#    process) and a dense step
+step 180 "${BENCH[@]}" --repeats 1 --paired 20 --models overlock_t convnext_tiny --json "$OUT/models_224_b8.json"
 step 90 "${BENCH[@]}" --repeats 1 --batch 1 --size 800 1280 --modes train --backbone \
     --models overlock_t convnext_tiny --json "$OUT/dense_800x1280.json"
 # 4. where a dense training step of OverLoCK-T spends its GPU time
