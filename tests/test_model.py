@@ -130,8 +130,16 @@ def test_reparameterization_equivalence():
         ref = m(x)
         dep = timm.utils.reparameterize_model(m)
         out = dep(x)
+        authors = copy.deepcopy(m).reparameterize()  # the checkpoint form: branches merged, BatchNorms kept
+        torch.testing.assert_close(authors(x), ref, rtol=1e-4, atol=1e-4)
     assert not any('dil_conv' in k for k in dep.state_dict())
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # the inference form folds every BatchNorm into a conv beside it (before it, or a 1x1 conv after it) but the
+    # head's, which no block owns; the checkpoint form keeps them all for deploy=True models
+    bns = [n for n, mod in dep.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    assert bns == ['head.1']
+    kept = sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in authors.modules())
+    assert kept == 1 + 4 + 3 + 2 + 7 * 3 + 4  # head, stem, downsamplings, patch_embedx, Focus blocks, Base blocks
 
 
 def test_grad_checkpointing_equivalence():

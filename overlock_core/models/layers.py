@@ -56,6 +56,10 @@ class Chain(Lean, nn.Sequential):
     1x1 conv after it join the function (``ops.dw_bn_act_conv``): neither the BatchNorm input nor the activation
     output is kept."""
 
+    def reparameterize(self) -> None:
+        """Inference (``timm.utils.reparameterize_model``): each BatchNorm folded into its conv."""
+        fuse_for_inference(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mods, i = list(self), 0
         while i < len(mods):
@@ -184,10 +188,61 @@ class SEModule(nn.Module):
         return x * self.proj(x)
 
 
+def _bn_affine(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of an eval-mode BatchNorm2d: bn(x) = scale * x + shift per channel."""
+    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+    return scale, bn.bias - bn.running_mean * scale
+
+
 def fuse_conv_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    std = (bn.running_var + bn.eps).sqrt()
-    scale = bn.weight / std
-    return kernel * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+    scale, shift = _bn_affine(bn)
+    return kernel * scale.view(-1, 1, 1, 1), shift
+
+
+def _set_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    conv.weight.copy_(weight)
+    if conv.bias is None:
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
+    else:
+        conv.bias.copy_(bias)
+
+
+@torch.no_grad()
+def fold_batchnorms(seq: nn.Sequential) -> None:
+    """Fold each BatchNorm2d of ``seq`` (its running statistics: inference only) into the convolution beside it, in
+    place, leaving an Identity: into a conv or a deploy-form DilatedReparamBlock before it, else into a 1x1 conv
+    after it (W (s x + c) + b = (W diag(s)) x + (W c + b): exact only for an unpadded 1x1 conv)."""
+    mods = list(seq)
+    for i, bn in enumerate(mods):
+        if type(bn) is not nn.BatchNorm2d:
+            continue
+        before = mods[i - 1] if i else None
+        before = before.lk_origin if isinstance(before, DilatedReparamBlock) and before.deploy else before
+        after = mods[i + 1] if i + 1 < len(mods) else None
+        scale, shift = _bn_affine(bn)
+        if isinstance(before, nn.Conv2d):
+            bias = shift if before.bias is None else before.bias * scale + shift
+            _set_conv(before, before.weight * scale.view(-1, 1, 1, 1), bias)
+        elif isinstance(after, nn.Conv2d) and after.kernel_size == (1, 1) and after.padding == (0, 0) \
+                and after.groups == 1:
+            bias = after.weight.flatten(1) @ shift + (0 if after.bias is None else after.bias)
+            _set_conv(after, after.weight * scale.view(1, -1, 1, 1), bias)
+        else:
+            continue
+        seq[i] = nn.Identity()
+
+
+def fuse_for_inference(module: nn.Module) -> nn.Module:
+    """``module``'s inference form, in place: every DilatedReparamBlock merged into one conv, then every BatchNorm
+    of its nn.Sequential containers folded into a neighbouring conv (``fold_batchnorms``). A deploy=True model
+    cannot load the result (``OverLoCK.reparameterize`` keeps the BatchNorms for that)."""
+    for m in list(module.modules()):
+        if isinstance(m, DilatedReparamBlock):
+            m.reparameterize()
+    for m in list(module.modules()):
+        if isinstance(m, nn.Sequential):
+            fold_batchnorms(m)
+    return module
 
 
 class DilatedReparamBlock(Lean, nn.Module):
@@ -261,6 +316,10 @@ class RepConvBlock(Lean, nn.Module):
             DropPath(drop_path) if drop_path > 0 else nn.Identity())
         self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
 
+    def reparameterize(self) -> None:
+        """Inference (``timm.utils.reparameterize_model``): the DilatedReparamBlock merged, its BatchNorm folded."""
+        fuse_for_inference(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
         p = self.proj
@@ -275,6 +334,10 @@ class ContextDownsample(nn.Module):
         super().__init__()
         self.x_proj = nn.Sequential(nn.Conv2d(in_dim, out_dim, 3, 2, 1, bias=False), nn.BatchNorm2d(out_dim))
         self.h_proj = nn.Sequential(nn.Conv2d(ctx_dim, ctx_dim, 3, 2, 1, bias=False), nn.BatchNorm2d(ctx_dim))
+
+    def reparameterize(self) -> None:
+        """Inference (``timm.utils.reparameterize_model``): the BatchNorms folded into the convs."""
+        fuse_for_inference(self)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.x_proj(x), self.h_proj(ctx)
@@ -371,6 +434,11 @@ class DynamicConvBlock(Lean, nn.Module):
         self.mlp = nn.Sequential(nn.Conv2d(out_dim, hidden, 1), nn.GELU(), ResDWConv(hidden), GRN(hidden),
                                  nn.Conv2d(hidden, out_dim, 1))
         self.ls2 = LayerScale(out_dim, ls_init_value)
+
+    def reparameterize(self) -> None:
+        """Inference (``timm.utils.reparameterize_model``): the DilatedReparamBlock merged and all seven BatchNorms
+        folded into their convs."""
+        fuse_for_inference(self)
 
     def contmix(self, f: torch.Tensor, zn: torch.Tensor) -> torch.Tensor:
         """Dynamic aggregation of f (B, C, H, W) guided by the normalised [feature, context] map zn."""

@@ -77,7 +77,7 @@ def _stem(in_chans: int, dim: int) -> nn.Sequential:
 
 
 def _downsample(in_dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_dim, out_dim, 3, 2, 1, bias=False), nn.BatchNorm2d(out_dim))
+    return Chain(nn.Conv2d(in_dim, out_dim, 3, 2, 1, bias=False), nn.BatchNorm2d(out_dim))
 
 
 class OverLoCK(nn.Module):
@@ -231,7 +231,10 @@ class OverLoCK(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self) -> 'OverLoCK':
-        """Switch every DilatedReparamBlock to its single-conv deploy form, in place (eval outputs unchanged)."""
+        """Switch every DilatedReparamBlock to its single-conv deploy form, in place (eval outputs unchanged): the
+        authors' deploy form, whose state_dict a ``deploy=True`` model loads. ``timm.utils.reparameterize_model``
+        (inference) also folds the BatchNorms into their convs (the blocks' ``reparameterize``), which that format
+        cannot hold."""
         for m in self.modules():
             if isinstance(m, DilatedReparamBlock):
                 m.reparameterize()
