@@ -214,7 +214,7 @@ def fold_batchnorms(seq: nn.Sequential) -> None:
     after it (W (s x + c) + b = (W diag(s)) x + (W c + b): exact only for an unpadded 1x1 conv)."""
     mods = list(seq)
     for i, bn in enumerate(mods):
-        if type(bn) is not nn.BatchNorm2d:
+        if type(bn) is not nn.BatchNorm2d or bn.running_mean is None or not bn.affine:
             continue
         before = mods[i - 1] if i else None
         before = before.lk_origin if isinstance(before, DilatedReparamBlock) and before.deploy else before
