@@ -50,15 +50,19 @@ def plain_bn(bn: nn.Module) -> bool:
     return type(bn) is nn.BatchNorm2d and bn.training and bn.affine
 
 
-class Chain(Lean, nn.Sequential):
+class InferenceFold:
+    """Mixin: ``reparameterize()`` (what ``timm.utils.reparameterize_model`` calls) gives the module's inference form,
+    in place: its DilatedReparamBlocks merged and its BatchNorms folded into their convs (``fuse_for_inference``)."""
+
+    def reparameterize(self) -> None:
+        fuse_for_inference(self)
+
+
+class Chain(InferenceFold, Lean, nn.Sequential):
     """nn.Sequential (same state_dict) that, in training, runs each BatchNorm2d followed by GELU or SiLU as one
     recomputing function (``ops.bn_act``): the BatchNorm output is not kept. A depth-wise 3x3 before the pair and a
     1x1 conv after it join the function (``ops.dw_bn_act_conv``): neither the BatchNorm input nor the activation
     output is kept."""
-
-    def reparameterize(self) -> None:
-        """Inference (``timm.utils.reparameterize_model``): each BatchNorm folded into its conv."""
-        fuse_for_inference(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mods, i = list(self), 0
@@ -302,7 +306,7 @@ class DilatedReparamBlock(Lean, nn.Module):
         self.deploy = True
 
 
-class RepConvBlock(Lean, nn.Module):
+class RepConvBlock(InferenceFold, Lean, nn.Module):
     """Base-Net / Overview-Net block (spec B.2). The layer scale multiplies the shortcut, the branch is dropped."""
 
     def __init__(self, dim: int, kernel_size: int, mlp_ratio: float = 4, ls_init_value: Optional[float] = None,
@@ -316,10 +320,6 @@ class RepConvBlock(Lean, nn.Module):
             DropPath(drop_path) if drop_path > 0 else nn.Identity())
         self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
 
-    def reparameterize(self) -> None:
-        """Inference (``timm.utils.reparameterize_model``): the DilatedReparamBlock merged, its BatchNorm folded."""
-        fuse_for_inference(self)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
         p = self.proj
@@ -327,17 +327,13 @@ class RepConvBlock(Lean, nn.Module):
         return add_into(y, self.ls(x))
 
 
-class ContextDownsample(nn.Module):
+class ContextDownsample(InferenceFold, nn.Module):
     """Stride-2 conv for the Focus-Net feature and, separately, its context (``patch_embedx``)."""
 
     def __init__(self, in_dim: int, out_dim: int, ctx_dim: int):
         super().__init__()
         self.x_proj = nn.Sequential(nn.Conv2d(in_dim, out_dim, 3, 2, 1, bias=False), nn.BatchNorm2d(out_dim))
         self.h_proj = nn.Sequential(nn.Conv2d(ctx_dim, ctx_dim, 3, 2, 1, bias=False), nn.BatchNorm2d(ctx_dim))
-
-    def reparameterize(self) -> None:
-        """Inference (``timm.utils.reparameterize_model``): the BatchNorms folded into the convs."""
-        fuse_for_inference(self)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.x_proj(x), self.h_proj(ctx)
@@ -376,7 +372,7 @@ def split_channels(x: torch.Tensor, k: int, contiguous: bool = False) -> Tuple[t
     return _ChannelSplit.apply(x, k, contiguous)
 
 
-class DynamicConvBlock(Lean, nn.Module):
+class DynamicConvBlock(InferenceFold, Lean, nn.Module):
     """Focus-Net block with ContMix (spec B.4).
 
     ContMix: the query comes from the feature part of the normalised input, the key from 7x7 adaptive-pooled region
@@ -434,11 +430,6 @@ class DynamicConvBlock(Lean, nn.Module):
         self.mlp = nn.Sequential(nn.Conv2d(out_dim, hidden, 1), nn.GELU(), ResDWConv(hidden), GRN(hidden),
                                  nn.Conv2d(hidden, out_dim, 1))
         self.ls2 = LayerScale(out_dim, ls_init_value)
-
-    def reparameterize(self) -> None:
-        """Inference (``timm.utils.reparameterize_model``): the DilatedReparamBlock merged and all seven BatchNorms
-        folded into their convs."""
-        fuse_for_inference(self)
 
     def contmix(self, f: torch.Tensor, zn: torch.Tensor) -> torch.Tensor:
         """Dynamic aggregation of f (B, C, H, W) guided by the normalised [feature, context] map zn."""
