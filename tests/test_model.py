@@ -134,12 +134,26 @@ def test_reparameterization_equivalence():
         torch.testing.assert_close(authors(x), ref, rtol=1e-4, atol=1e-4)
     assert not any('dil_conv' in k for k in dep.state_dict())
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    # the inference form folds every BatchNorm into a conv beside it (before it, or a 1x1 conv after it) but the
-    # head's, which no block owns; the checkpoint form keeps them all for deploy=True models
+    # the inference form folds every BatchNorm into a conv beside it (before it, or a 1x1 conv after it), the
+    # head's included; the checkpoint form keeps them all for deploy=True models
     bns = [n for n, mod in dep.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)]
-    assert bns == ['head.1']
+    assert bns == []
     kept = sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in authors.modules())
     assert kept == 1 + 4 + 3 + 2 + 7 * 3 + 4  # head, stem, downsamplings, patch_embedx, Focus blocks, Base blocks
+
+
+def test_se_scale_is_its_modules_output():
+    """SEModule.scale runs the 1x1 convs of ``proj`` as matmuls on the pooled vectors: the same numbers, gradients
+    included, on channels-last maps too."""
+    from overlock_core.models.layers import SEModule
+    se = SEModule(24).double()
+    x = torch.randn(3, 24, 7, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.testing.assert_close(se.scale(a), se.proj(b))
+    g = torch.randn(3, 24, 1, 1, dtype=torch.float64)
+    grads = [torch.autograd.grad(out, [inp, *se.parameters()], g) for out, inp in ((se.scale(a), a), (se.proj(b), b))]
+    for u, v in zip(*grads):
+        torch.testing.assert_close(u, v)
 
 
 def test_grad_checkpointing_equivalence():

@@ -23,8 +23,8 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .layers import (Chain, ContextDownsample, DilatedReparamBlock, DynamicConvBlock, GRN, LayerScale, Lean,
-                     RepConvBlock, layer_norm)
+from .layers import (Chain, ContextDownsample, DilatedReparamBlock, DynamicConvBlock, FoldingSequential, GRN,
+                     LayerScale, Lean, RepConvBlock, layer_norm)
 
 _NO_DECAY = re.compile(r'(^|\.)(rpb1|rpb2|gamma|beta)$|(^|\.)(ls|ls1|ls2|x_scale|h_scale)\.weight$'
                        r'|^h_proj\.1\.weight$')
@@ -147,7 +147,7 @@ class OverLoCK(nn.Module):
 
         self.head = self.aux_head = self.extra_norm = self.h_proj = None
         if dense is None:
-            self.head = nn.Sequential(
+            self.head = FoldingSequential(
                 nn.Conv2d(self.num_features, cfg['projection'], 1, bias=False), nn.BatchNorm2d(cfg['projection']),
                 nn.SiLU(), nn.AdaptiveAvgPool2d(1), self._classifier(cfg['projection'], num_classes))
             if aux_head:
