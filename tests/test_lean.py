@@ -26,13 +26,27 @@ def _leaf(*shape):
     return torch.randn(*shape, dtype=D, requires_grad=True)
 
 
-@pytest.mark.parametrize('path,h,w', [('grouped', 7, 8), ('grouped', 5, 5), ('tiled', 7, 8)])
+def _use_path(path, monkeypatch):
+    """Make kernel_av take ``path``: the fused C++ kernels (which must build here), the grouped or the tiled
+    PyTorch formulation."""
+    from overlock_core.ops import cpu_ext, neighborhood
+    if path == 'fused':
+        if not cpu_ext.enabled():
+            pytest.skip('OVERLOCK_CPU_EXT=0')
+        assert cpu_ext.load() is not None, 'the fused CPU kernels did not build'
+    else:
+        monkeypatch.setenv('OVERLOCK_CPU_EXT', '0')
+        monkeypatch.setattr(neighborhood, 'MAX_GROUPS', 10 ** 6 if path == 'grouped' else 0)
+
+
+@pytest.mark.parametrize('path,h,w', [('grouped', 7, 8), ('grouped', 5, 5), ('tiled', 7, 8), ('fused', 7, 8),
+                                      ('fused', 9, 5)])
 def test_kernel_av_matches_composite(path, h, w, monkeypatch):
     """softmax(q.kw + relative-position bias) aggregated over clamped windows, the kernel recomputed in the backward:
     output and every gradient (the bias table and projection bias included) equal autograd through the composite,
-    on the tiled path and on the grouped one (pixels reordered by window; a map as wide as K: one window)."""
-    from overlock_core.ops import neighborhood
-    monkeypatch.setattr(neighborhood, 'MAX_GROUPS', 10 ** 6 if path == 'grouped' else 0)
+    on the tiled path, the grouped one (pixels reordered by window; a map as wide as K: one window) and the fused
+    C++ kernels."""
+    _use_path(path, monkeypatch)
     b, g, d, k = 2, 2, 3, 5
     q, kw, rpb, pb = _leaf(b, g, h * w, d), _leaf(b, g, d, k * k), _leaf(g, 2 * k - 1, 2 * k - 1), _leaf(k * k)
     value = _leaf(b * g, 4, h, w)
@@ -42,6 +56,8 @@ def test_kernel_av_matches_composite(path, h, w, monkeypatch):
         return na2d_av_reference(attn.reshape(b * g, h, w, k * k).permute(0, 3, 1, 2), value, k)
 
     inputs = (q, kw, rpb, pb, value)
+    from overlock_core.ops.neighborhood import _kernel_av_path
+    assert _kernel_av_path(value, k) == {'tiled': 'plain'}.get(path, path)
     out = kernel_av(*inputs, k)
     torch.testing.assert_close(out, composite(*inputs), rtol=0, atol=1e-12)
     grad = torch.randn_like(out)
@@ -53,12 +69,11 @@ def test_kernel_av_matches_composite(path, h, w, monkeypatch):
     assert torch.autograd.gradcheck(lambda *t: kernel_av(*t, 3), small)
 
 
-@pytest.mark.parametrize('path', ['grouped', 'tiled'])
+@pytest.mark.parametrize('path', ['grouped', 'tiled', 'fused'])
 def test_kernel_av_gradients_of_some_inputs(path, monkeypatch):
     """Only the inputs that need a gradient get one (the others' products are skipped), and those equal autograd
     through the composite."""
-    from overlock_core.ops import neighborhood
-    monkeypatch.setattr(neighborhood, 'MAX_GROUPS', 10 ** 6 if path == 'grouped' else 0)
+    _use_path(path, monkeypatch)
     b, g, d, h, w, k = 2, 2, 3, 7, 8, 5
     shapes = [(b, g, h * w, d), (b, g, d, k * k), (g, 2 * k - 1, 2 * k - 1), (k * k,), (b * g, 4, h, w)]
     for mask in [(1, 1, 0, 0, 0), (0, 1, 1, 1, 0), (1, 0, 0, 0, 1), (0, 0, 1, 0, 0)]:
@@ -73,12 +88,11 @@ def test_kernel_av_gradients_of_some_inputs(path, monkeypatch):
 
 
 
-@pytest.mark.parametrize('path', ['grouped', 'tiled'])
+@pytest.mark.parametrize('path', ['grouped', 'tiled', 'fused'])
 def test_kernel_av_custom_ops_for_the_compiler(path, monkeypatch):
     """The operators compiled graphs call (torch.library.opcheck: fake shapes and strides, schema, autograd,
-    traced forward and backward against eager), on both paths and with a channels-last value map."""
-    from overlock_core.ops import neighborhood
-    monkeypatch.setattr(neighborhood, 'MAX_GROUPS', 10 ** 6 if path == 'grouped' else 0)
+    traced forward and backward against eager), on every path and with a channels-last value map."""
+    _use_path(path, monkeypatch)
     b, g, d, h, w, k = 2, 2, 3, 7, 8, 5
     value = _leaf(b * g, 4, h, w).detach().to(memory_format=torch.channels_last).requires_grad_()
     args = (_leaf(b, g, h * w, d), _leaf(b, g, d, k * k), _leaf(g, 2 * k - 1, 2 * k - 1), _leaf(k * k), value, k)
@@ -86,6 +100,40 @@ def test_kernel_av_custom_ops_for_the_compiler(path, monkeypatch):
     grad = torch.randn(b * g, 4, h, w, dtype=D)
     torch.library.opcheck(torch.ops.overlock.kernel_av_backward,
                           (*(t.detach() for t in args[:5]), grad, k, [True, False, True, True, True]))
+
+@pytest.mark.parametrize('c,k,h,w', [(16, 13, 14, 15), (8, 5, 9, 7), (14, 7, 7, 9), (10, 17, 17, 18), (5, 3, 4, 6)])
+def test_fused_kernel_av_equals_the_pytorch_formulation(c, k, h, w, monkeypatch):
+    """The fused C++ kernels at the variants' head widths (compiled for 16, 14, 10, 8 channels; any other at run
+    time), kernels wider than one vector of slots (K=17) and maps as wide as K along one side: output and every
+    gradient equal the PyTorch formulation's in float64."""
+    from overlock_core.ops import cpu_ext
+    _use_path('fused', monkeypatch)
+    b, g, d = 2, 3, 16
+    leaves = [_leaf(b, g, h * w, d), _leaf(b, g, d, k * k), _leaf(g, 2 * k - 1, 2 * k - 1), _leaf(k * k),
+              _leaf(b * g, c, h, w)]
+    grad = torch.randn(b * g, c, h, w, dtype=D)
+    results = []
+    for flag in ('1', '0'):
+        monkeypatch.setenv('OVERLOCK_CPU_EXT', flag)
+        out = kernel_av(*leaves, k)
+        results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    assert cpu_ext.enabled() is False
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+
+
+def test_fused_kernels_that_do_not_build_leave_the_pytorch_formulation(monkeypatch):
+    """A failed build (no compiler, a broken toolchain) warns once, naming the cause, and returns None: kernel_av
+    then runs its PyTorch formulation."""
+    from torch.utils import cpp_extension
+    from overlock_core.ops import cpu_ext
+
+    def broken(*args, **kwargs):
+        raise RuntimeError('Error building extension: g++: command not found')
+    monkeypatch.setattr(cpp_extension, 'load', broken)
+    with pytest.warns(UserWarning, match='could not be built.*g\\+\\+: command not found'):
+        assert cpu_ext.load.__wrapped__() is None
+
 
 def test_kernel_av_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match='do not fit K=5'):

@@ -68,5 +68,7 @@ fi
 "${PIP[@]}" install --no-deps -e "$ROOT"
 "$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmseg, overlock_core' \
   || { log "ERROR: the environment does not import; see the message above"; exit 1; }
+# ContMix's fused CPU kernels (overlock_core/csrc), cached in $CACHE/ext; without them the PyTorch formulation runs
+OVERLOCK_CACHE="$CACHE" "$VENV/bin/python" -c 'from overlock_core.ops import cpu_ext; cpu_ext.build()' || true
 rm -f "$VENV"/.overlock-setup-* && touch "$STAMP"
 log "ready: $VENV ($FLAVOUR mmcv ops)"

@@ -1,4 +1,4 @@
-"""Neighbourhood aggregation with NATTEN's ``na2d_av`` semantics, in pure PyTorch.
+"""Neighbourhood aggregation with NATTEN's ``na2d_av`` semantics in PyTorch, and ContMix's dynamic step built on it.
 
 For every pixel (i, j) a K x K window of values is combined with per-pixel weights. Near the border the window
 does not pad: it slides inwards, starting at ``clamp(i - K // 2, 0, L - K)`` (NATTEN's rule), so the map must be
@@ -15,7 +15,8 @@ windows read once, and turn the column part of the windows into small banded til
 batched matmuls and never holds a K*K-times copy of the values or of their gradient (transient memory
 O(N*H*W*(c + 16 + K)), against the N*H*W*c*K*K of the unfold formulation). Maps with at most 16 distinct windows
 (stages 3 and 4 at 224x224, where the map is barely wider than K) take a grouped path instead: one matmul per
-distinct window. On GPUs both passes are fused Triton kernels instead (``triton_av``). ``na2d_av_unfold`` is
+distinct window. On GPUs both passes are fused Triton kernels instead (``triton_av``); ContMix's whole step
+(``kernel_av``) runs on CPUs as fused C++ kernels (``cpu_ext``, built on first use) where they build. ``na2d_av_unfold`` is
 the plain formulation (unfold the windows, replicate-pad the borders, weighted sum) kept for benchmarks,
 ``na2d_av_reference`` a direct loop over pixels kept for tests. ``kernel_av`` is ContMix's whole dynamic step
 (soft-maxed kernel with its relative-position bias, then the aggregation) as one function that recomputes the
@@ -28,7 +29,7 @@ from typing import Callable, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import triton_av
+from . import cpu_ext, triton_av
 from .dwconv import autocast_args
 from .grn import _laid_out_like
 
@@ -259,27 +260,54 @@ def _grouped_kernel_av_backward(q, kw, bias, value, grad_out, ks, need):
     return grad_q, grad_kw, grad_bias, grad_v
 
 
-def _kernel_av_grouped(value: torch.Tensor, ks: int) -> bool:
-    return not triton_av.available(value) and _grouped(*value.shape[-2:], ks)
+def _kernel_av_path(value: torch.Tensor, ks: int) -> str:
+    """Which formulation ``kernel_av`` takes for these values: 'fused', the C++ kernels of ``cpu_ext`` (CPU, fp32 or
+    fp64, more than one window; 1.3-5x faster than the PyTorch formulations at the variants' shapes), 'grouped'
+    (few distinct windows, no Triton), or 'plain' (the kernel formed, then ``av_forward``: Triton kernels on GPUs,
+    tiles on the CPU)."""
+    h, w = value.shape[-2:]
+    if triton_av.available(value):
+        return 'plain'
+    if value.device.type == 'cpu' and value.dtype in (torch.float32, torch.float64) and (h, w) != (ks, ks) \
+            and cpu_ext.get() is not None:
+        return 'fused'
+    return 'grouped' if _grouped(h, w, ks) else 'plain'
+
+
+def _fused_args(q, kw, rpb, pb, value, ks):
+    """The fused kernels' inputs, contiguous in the values' dtype: q as (B, G, d, HW), kw, the gathered bias
+    (G, HW, K*K), the values."""
+    dt, (h, w) = value.dtype, value.shape[-2:]
+    return (q.mT.to(dt).contiguous(), kw.to(dt).contiguous(), _bias(rpb, pb, h, w).to(dt).contiguous(),
+            value.contiguous())
 
 
 def _kernel_av_forward(q, kw, rpb, pb, value, ks):
-    """(output, the value tensor the backward needs, whether the grouped path ran) of ``kernel_av``."""
+    """(output, the value tensor the backward needs, the path taken) of ``kernel_av``."""
     h, w = value.shape[-2:]
-    if _kernel_av_grouped(value, ks):
+    path = _kernel_av_path(value, ks)
+    if path == 'fused':
+        return cpu_ext.load().forward(*_fused_args(q, kw, rpb, pb, value, ks), ks), value, path
+    if path == 'grouped':
         order = _group_order(h, w, ks, q.device)[0]
-        return _grouped_kernel_av(_pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), value, ks), value, True
+        return _grouped_kernel_av(_pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), value, ks), value, path
     kernel = _softmax_kernel(q, kw, _bias(rpb, pb, h, w))
     out, (_, saved) = av_forward(_as_attn(kernel, h, w, value.dtype), value, ks)
-    return out, saved, False
+    return out, saved, path
 
 
-def _kernel_av_backward(q, kw, rpb, pb, v, grad_out, ks, need, grouped):
-    """The gradients of ``kernel_av``'s five tensor inputs that ``need`` asks for (None for the others); v is what
-    ``_kernel_av_forward`` returned beside its output."""
+def _kernel_av_backward(q, kw, rpb, pb, v, grad_out, ks, need, path):
+    """The gradients of ``kernel_av``'s five tensor inputs that ``need`` asks for (None for the others); v and path
+    are what ``_kernel_av_forward`` returned beside its output."""
     h, w = grad_out.shape[-2:]
     need_bias = need[2] or need[3]
-    if grouped:
+    if path == 'fused':
+        args = _fused_args(q, kw, rpb, pb, v, ks)
+        gq, gkw, grad_bias, grad_value = cpu_ext.load().backward(*args, grad_out.to(v.dtype).contiguous(), ks)
+        grad_q = gq.mT.to(q.dtype) if need[0] else None
+        grad_kw = gkw.to(kw.dtype) if need[1] else None
+        grad_value = grad_value if need[4] else None
+    elif path == 'grouped':
         order, inverse, _ = _group_order(h, w, ks, q.device)
         grad_q, grad_kw, grad_bias, grad_value = _grouped_kernel_av_backward(
             _pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), v, grad_out, ks,
@@ -297,8 +325,9 @@ def _kernel_av_backward(q, kw, rpb, pb, v, grad_out, ks, need, grouped):
         grad_kw = torch.matmul(q.mT, grad_logits) if need[1] else None
     grad_rpb = grad_pb = None
     if need_bias:
+        grad_bias = grad_bias.to(rpb.dtype)
         grad_pb = grad_bias.sum((0, 1))
-        flat = _rpb_index(h, w, ks, rpb.device, grouped)
+        flat = _rpb_index(h, w, ks, rpb.device, path == 'grouped')
         grad_rpb = torch.zeros_like(rpb).view(rpb.shape[0], -1).index_add_(
             1, flat, grad_bias.view(rpb.shape[0], -1)).view_as(rpb)
     return grad_q, grad_kw, grad_rpb, grad_pb, grad_value
@@ -306,20 +335,21 @@ def _kernel_av_backward(q, kw, rpb, pb, v, grad_out, ks, need, grouped):
 
 class _KernelAV(torch.autograd.Function):
     """ContMix's dynamic kernel and its aggregation in one function: the kernel (B*G*H*W*K*K values, ten times the
-    aggregated values at K=13) is recomputed in the backward from q and kw, not kept. On the grouped path the
-    pixels are listed group by group (q's rows reordered, the bias gathered in that order), and both passes work
-    one group at a time (``_grouped_kernel_av``): a block's ContMix step went ~18 -> ~13 ms at stage 3."""
+    aggregated values at K=13) is recomputed in the backward from q and kw, not kept. On CPUs the fused C++ kernels
+    (``cpu_ext``) do both passes pixel by pixel (a stage-3 block's ContMix step 38 -> 29 ms, 800x1280 shapes 1.5-3.5x
+    faster). Without them, on the grouped path the pixels are listed group by group (q's rows reordered, the bias
+    gathered in that order), and both passes work one group at a time (``_grouped_kernel_av``)."""
 
     @staticmethod
     def forward(ctx, q, kw, rpb, pb, value, ks):
-        out, saved, ctx.grouped = _kernel_av_forward(q, kw, rpb, pb, value, ks)
+        out, saved, ctx.path = _kernel_av_forward(q, kw, rpb, pb, value, ks)
         ctx.save_for_backward(q, kw, rpb, pb, saved)
         ctx.ks = ks
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return *_kernel_av_backward(*ctx.saved_tensors, grad_out, ctx.ks, ctx.needs_input_grad, ctx.grouped), None
+        return *_kernel_av_backward(*ctx.saved_tensors, grad_out, ctx.ks, ctx.needs_input_grad, ctx.path), None
 
 
 # kernel_av as custom operators for torch.compile: traced, its per-group loops unroll into thousands of graph nodes
@@ -339,8 +369,9 @@ def _(q, kw, rpb, pb, value, ks):
 def _kernel_av_backward_op(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor,
                            value: torch.Tensor, grad_out: torch.Tensor, ks: int,
                            need: List[bool]) -> List[torch.Tensor]:
-    grads = _kernel_av_backward(q, kw, rpb, pb, av_kept_values(value, ks), grad_out, ks, need,
-                                _kernel_av_grouped(value, ks))
+    path = _kernel_av_path(value, ks)
+    kept = av_kept_values(value, ks) if path == 'plain' else value
+    grads = _kernel_av_backward(q, kw, rpb, pb, kept, grad_out, ks, need, path)
     return [t.new_empty(0) if g is None else g.to(t.dtype).contiguous()
             for g, t in zip(grads, (q, kw, rpb, pb, value))]
 
