@@ -12,6 +12,8 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -59,6 +61,9 @@ def load(verbose: bool = False) -> Optional[object]:
         from torch.utils import cpp_extension
     finally:
         log.setLevel(level)
+    venv_bin = os.path.dirname(sys.executable)  # the ninja that set-up installed, in a venv not activated
+    if shutil.which('ninja') is None and shutil.which('ninja', path=venv_bin):
+        os.environ['PATH'] = venv_bin + os.pathsep + os.environ.get('PATH', '')
     key = _key()
     root = Path(os.environ.get('OVERLOCK_CACHE', Path.home() / '.cache' / 'overlock')) / 'ext' / key
     try:
