@@ -68,6 +68,8 @@ def load(verbose: bool = False) -> Optional[object]:
     root = Path(os.environ.get('OVERLOCK_CACHE', Path.home() / '.cache' / 'overlock')) / 'ext' / key
     try:
         root.mkdir(parents=True, exist_ok=True)
+        if not any(root.glob('*.so')):
+            print(f'overlock: building the fused CPU kernels once (~30 s) in {root}', file=sys.stderr)
         return cpp_extension.load(f'overlock_cpu_{key}', [str(SOURCE)], extra_cflags=CFLAGS,
                                   extra_ldflags=['-fopenmp'], build_directory=str(root), verbose=verbose)
     except Exception as e:  # no compiler, no ninja, a failed build: the PyTorch formulation still runs

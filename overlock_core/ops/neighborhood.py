@@ -262,7 +262,7 @@ def _grouped_kernel_av_backward(q, kw, bias, value, grad_out, ks, need):
 
 def _kernel_av_path(value: torch.Tensor, ks: int) -> str:
     """Which formulation ``kernel_av`` takes for these values: 'fused', the C++ kernels of ``cpu_ext`` (CPU, fp32 or
-    fp64, more than one window; 1.3-5x faster than the PyTorch formulations at the variants' shapes), 'grouped'
+    fp64, more than one window; 1.3-6x faster than the PyTorch formulations at the variants' shapes), 'grouped'
     (few distinct windows, no Triton), or 'plain' (the kernel formed, then ``av_forward``: Triton kernels on GPUs,
     tiles on the CPU)."""
     h, w = value.shape[-2:]
