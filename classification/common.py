@@ -44,15 +44,14 @@ def init_distributed():
 
 
 def amp_dtype(cfg, device):
-    """bf16 where supported, fp16 on older GPUs, fp32 on CPU unless a dtype is named explicitly."""
+    """The training precision: 'auto' is the authors' fp16 autocast (with a GradScaler) on GPUs and fp32 on CPUs;
+    a dtype named explicitly ('float16', 'bfloat16') is used on any device."""
     t = cfg['train']
     if not t['amp']:
         return None
     name = t['amp_dtype']
     if name == 'auto':
-        if device.type != 'cuda':
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == 'cuda' else None
     if name not in ('bfloat16', 'float16'):
         raise SystemExit(f"train.amp_dtype must be auto, bfloat16 or float16, not '{name}'")
     return getattr(torch, name)

@@ -2,7 +2,8 @@
 
 Why a fixed schema: every key a run can use is listed in DEFAULTS, so a typo in a YAML file or in
 `--cfg-options train.epochz=10` is a one-line error naming the key instead of a silently ignored setting.
-The defaults are the paper's ImageNet-1K recipe (facts C.1); variant configs only change what differs.
+The defaults are the authors' ImageNet-1K recipe; variant configs only change what differs. Deviations from it are
+opt-in keys (``train.decay_groups: extended``, ``train.amp_dtype: bfloat16``).
 """
 import copy
 import re
@@ -62,6 +63,7 @@ DEFAULTS = {
         'opt_eps': 1.0e-8,
         'opt_betas': [0.9, 0.999],
         'weight_decay': 0.05,
+        'decay_groups': 'authors',  # authors: timm's rule (no decay for 1-d tensors and biases only) | extended
         'sched': 'cosine',
         'warmup_epochs': 5,
         'cooldown_epochs': 10,      # timm adds these after `epochs` at min_lr: 310 epochs in total
@@ -69,7 +71,7 @@ DEFAULTS = {
         'warmup_lr': 1.0e-6,
         'clip_grad': 5.0,           # global norm, after unscaling; None = off
         'amp': True,
-        'amp_dtype': 'auto',        # auto (bf16 where supported, else fp16; fp32 on CPU) | bfloat16 | float16
+        'amp_dtype': 'auto',        # auto: float16 + GradScaler on GPUs (the authors'), fp32 on CPUs | float16 | bfloat16
         'sync_bn': True,            # CUDA only (torch's SyncBatchNorm has no CPU kernel)
         'ema': True,
         'ema_decay': 0.9999,

@@ -1,4 +1,4 @@
-"""Train an OverLoCK classifier on an ImageFolder dataset with the paper's ImageNet-1K recipe (facts C.1).
+"""Train an OverLoCK classifier on an ImageFolder dataset with the authors' ImageNet-1K recipe (the config defaults).
 
     torchrun --nproc_per_node 8 classification/train.py configs/cls/overlock_t.yaml   # or tools/dist_train.sh CFG 8
     python classification/train.py configs/cls/demo.yaml --cfg-options train.epochs=3 # one process, no dist
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad, distribute_bn
 from torch.nn.parallel import DistributedDataParallel
@@ -74,6 +74,20 @@ def build_criterion(cfg):
     return DeepSupervisionLoss(base, aux_weight=cfg['model']['aux_weight'])
 
 
+DECAY_GROUPS = ('authors', 'extended')
+
+
+def decay_groups(model, t):
+    """What the optimizer decays. 'authors': timm's rule (1-d tensors and biases exempt; OverLoCK's
+    ``no_weight_decay()`` adds nothing), as the authors trained. 'extended' (opt-in deviation): layer scales, GRN
+    gamma/beta and the rpb tables are exempt too."""
+    if t['decay_groups'] != 'extended':  # main() has checked the name
+        return model  # create_optimizer_v2 builds timm's groups
+    from overlock_core.models import extended_no_weight_decay
+    skip = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
+    return param_groups_weight_decay(model, t['weight_decay'], no_weight_decay_list=skip | extended_no_weight_decay(model))
+
+
 def batch_plan(cfg, world):
     """(global batch, accumulation steps, lr). The lr rule follows the global batch, not what fits per step."""
     t = cfg['train']
@@ -105,6 +119,9 @@ def main(argv=None):
     work_dir = args.work_dir or os.path.join('work_dirs', Path(args.config).stem)
     # everything that can be checked cheaply fails here, before a process group or a model exists
     check_model_name(cfg['model']['name'])
+    if cfg['train']['decay_groups'] not in DECAY_GROUPS:
+        raise SystemExit(f"train.decay_groups must be one of {', '.join(DECAY_GROUPS)}, "
+                         f"not '{cfg['train']['decay_groups']}'")
     check_data_dir(cfg)
     batch_plan(cfg, int(os.environ.get('WORLD_SIZE', 1)))
     resume = args.resume
@@ -141,8 +158,9 @@ class Trainer:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(device)
         self.ema = ModelEmaV3(self.model, decay=t['ema_decay']) if t['ema'] else None
-        self.optimizer = create_optimizer_v2(self.model, t['opt'], lr=lr, weight_decay=t['weight_decay'],
-                                             eps=t['opt_eps'], betas=tuple(t['opt_betas']))
+        self.optimizer = create_optimizer_v2(decay_groups(self.model, t), t['opt'], lr=lr,
+                                             weight_decay=t['weight_decay'], eps=t['opt_eps'],
+                                             betas=tuple(t['opt_betas']))
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
 
         self.loader = build_train_loader(cfg, rank, world)
@@ -383,10 +401,14 @@ class Trainer:
             if len(set(hashes)) > 1:
                 log.warning('ranks hold different weights at the end of training: ' + ', '.join(h[:12] for h in hashes))
         if self.rank == 0:
-            res = {'task': 'cls', 'model': self.cfg['model']['name'], 'top1': metrics.get('top1'),
+            # top1/top5 (and ema_*) are the last epoch's; 'best' holds each one's best epoch
+            res = {'task': 'cls', 'model': self.cfg['model']['name'], 'figure': 'last epoch',
+                   'top1': metrics.get('top1'),
                    'top5': metrics.get('top5'), 'ema_top1': metrics.get('ema_top1'),
                    'ema_top5': metrics.get('ema_top5'), 'params': self.n_params, 'epochs': self.num_epochs,
                    'steps': self.step, 'skipped_steps': self.skipped_steps, 'best': self.best,
+                   'precision': str(self.dtype or torch.float32).replace('torch.', ''),
+                   'decay_groups': self.cfg['train']['decay_groups'],
                    'train_time_s': round(time.time() - self.t_start, 1), 'world_size': self.world,
                    'rank_state_sha256': hashes}
             with open(os.path.join(self.work_dir, 'results.json'), 'w') as f:

@@ -5,6 +5,7 @@
 
 Reads our checkpoints and the authors' files alike (plain state dict or one wrapped in state_dict /
 state_dict_ema / model, `module.` prefixes; aux-head weights are ignored because evaluation has no aux head).
+Evaluates in fp32, as the authors' validate.py (``--amp``: in the training precision, ``train.amp_dtype``).
 Reports top-1/top-5, images/s and peak memory (GPU allocator peak on CUDA, process peak RSS on CPU) and writes
 results.json. Accuracy comes from the same `evaluate()` that training logs, so the numbers match exactly.
 """
@@ -35,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument('--crop-pct', type=float, default=None, help='default: data.crop_pct, else the model default')
     p.add_argument('--reparam', action='store_true', help='switch to the deploy (re-parameterised) form first')
     p.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of a training checkpoint')
+    p.add_argument('--amp', action='store_true',
+                   help='evaluate under autocast in the training precision (train.amp_dtype); default fp32')
     p.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE')
     return p.parse_args(argv)
 
@@ -67,7 +70,7 @@ def run(cfg, args, root, work_dir, rank, world, device):
     n_params = sum(p.numel() for p in model.parameters())
     crop_pct = args.crop_pct or cfg['data']['crop_pct'] or model.pretrained_cfg.get('crop_pct', 0.875)
     loader = build_eval_loader(cfg, root, crop_pct, args.batch_size or cfg['train']['batch_size_per_gpu'], rank, world)
-    dtype = amp_dtype(cfg, device)
+    dtype = amp_dtype(cfg, device) if args.amp else None
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
@@ -79,7 +82,9 @@ def run(cfg, args, root, work_dir, rank, world, device):
         peak_mb, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'process_rss'
     out = {'task': 'cls', 'model': cfg['model']['name'], 'checkpoint': os.path.abspath(args.checkpoint),
            'top1': res['top1'], 'top5': res['top5'], 'loss': res['loss'], 'images': res['n'],
-           'params': n_params, 'reparam': args.reparam, 'ema': args.use_ema, 'crop_pct': crop_pct,
+           'params': n_params, 'reparam': args.reparam, 'ema': args.use_ema,
+           'figure': f"checkpoint evaluation ({'EMA' if args.use_ema else 'model'} weights)",
+           'precision': str(dtype or torch.float32).replace('torch.', ''), 'crop_pct': crop_pct,
            'img_size': cfg['data']['img_size'], 'images_per_s': res['n'] / elapsed, 'peak_mem_mb': peak_mb,
            'peak_mem_kind': peak_kind, 'world_size': world, 'skipped_images': res['skipped']}
     if rank == 0:

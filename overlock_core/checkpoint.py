@@ -1,10 +1,10 @@
 """Safe checkpoint loading, key adaptation and atomic saving, shared by every task.
 
-Loading never executes code: ``torch.load(weights_only=True)`` (plus the few classes OpenMMLab checkpoints need, which
-``overlock_core.mm`` allow-lists) or safetensors. Any checkpoint layout met in practice is accepted: a plain state
-dict, ``state_dict`` / ``state_dict_ema`` / ``model`` entries, ``module.`` (DDP) and ``backbone.`` (detector,
-segmentor) prefixes, the authors' training or re-parameterised (``_reparam``) files. A checkpoint that does not fit
-the model is refused with a report of what is missing, unexpected or mis-shaped.
+Loading never executes code: ``torch.load(weights_only=True)`` (plus, for that load only, the few classes mmengine's
+checkpoints hold: ``overlock_core.safe_globals``) or safetensors. Any checkpoint layout met in practice is accepted: a
+plain state dict, ``state_dict`` / ``state_dict_ema`` / ``model`` entries, ``module.`` (DDP) and ``backbone.``
+(detector, segmentor) prefixes, the authors' training or re-parameterised (``_reparam``) files. A checkpoint that does
+not fit the model is refused with a report of what is missing, unexpected or mis-shaped.
 """
 import os
 import pickle
@@ -15,6 +15,8 @@ from typing import Any, Dict, Iterable, Mapping, Union
 
 import torch
 import torch.nn as nn
+
+from .safe_globals import mmengine_checkpoint_globals
 
 __all__ = ['CheckpointError', 'load_checkpoint_file', 'extract_state_dict', 'adapt_state_dict', 'load_weights',
            'save_atomic']
@@ -38,11 +40,8 @@ def load_checkpoint_file(path: PathLike) -> Any:
         except Exception as e:  # noqa: BLE001 - safetensors raises several types
             raise CheckpointError(f'corrupt safetensors file {path}: {e}') from e
     try:
-        import overlock_core.mm.safe_load  # noqa: F401  allow-lists the classes mmengine checkpoints hold
-    except ImportError:
-        pass
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with mmengine_checkpoint_globals():  # the few classes mmengine's own checkpoints hold, for this load only
+            return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f'refusing to load {path}: it holds Python objects that are not weights ({first}). '

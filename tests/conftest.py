@@ -1,7 +1,7 @@
 import os
 
 # One thread per process: tests start several processes (DDP ranks, launchers) on a 2-core machine, and OpenMP
-# threads that oversubscribe the cores make torch tens of times slower.
+# threads that oversubscribe the cores make torch far slower.
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 import pytest  # noqa: E402

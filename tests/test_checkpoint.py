@@ -137,3 +137,22 @@ def test_convert_checkpoint_tool(tmp_path, trained):
     bad = subprocess.run([sys.executable, 'tools/convert_checkpoint.py', str(src), '--variant', 't'],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and 'does not fit' in bad.stderr
+
+
+def test_mmengine_runner_checkpoint_loads_without_changing_torch(tmp_path, trained):
+    """A Runner checkpoint (message hub with HistoryBuffers) loads through load_checkpoint_file in any process,
+    allowed for that load only: torch's process-wide allow-list is the same afterwards."""
+    pytest.importorskip('mmengine')
+    from mmengine.logging import HistoryBuffer
+    path = tmp_path / 'epoch_1.pth'
+    buf = HistoryBuffer()
+    buf.update(1.5)
+    torch.save({'state_dict': {'backbone.' + k: v for k, v in trained.state_dict().items()},
+                'message_hub': {'log_scalars': {'train/loss': buf}}}, path)
+    before = list(torch.serialization.get_safe_globals())
+    obj = load_checkpoint_file(path)
+    assert isinstance(obj['message_hub']['log_scalars']['train/loss'], HistoryBuffer)
+    added = [g for g in torch.serialization.get_safe_globals() if g not in before]
+    assert all(getattr(g, '__module__', '').startswith('torch') for g in added)  # torch adds its own lazily
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)  # outside the loader nothing was allowed

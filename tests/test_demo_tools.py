@@ -67,6 +67,9 @@ def test_demo_data_layout_and_annotations(demo_data):
 
     lab = np.asarray(Image.open(demo_data / 'ade' / 'annotations' / 'training' / 'training_0000.png'))
     assert lab.shape == (128, 128) and set(np.unique(lab)) <= {0, 1, 2, 3} and lab.max() > 0
+    assert (lab == 0).any()  # background pixels: class 0 of SEG_CLASSES
+    assert make_demo_data.SEG_CLASSES == ('background',) + SHAPES
+    assert json.loads((demo_data / 'meta.json').read_text())['seg_classes'] == list(make_demo_data.SEG_CLASSES)
     assert Image.open(demo_data / 'ade' / 'images' / 'training' / 'training_0000.jpg').size == (128, 128)
 
 
@@ -85,19 +88,17 @@ def test_demo_data_loads_with_mmdet_and_mmseg(demo_data):
     inst = info['instances'][0]
     assert inst['bbox_label'] in (0, 1, 2) and len(inst['mask'][0]) >= 6
 
-    from mmseg.datasets import ADE20KDataset, BaseSegDataset
+    from mmseg.datasets import BaseSegDataset
     from mmseg.datasets.transforms import LoadAnnotations
-    kw = dict(data_root=str(demo_data / 'ade'), data_prefix=dict(img_path='images/validation',
-              seg_map_path='annotations/validation'), img_suffix='.jpg', seg_map_suffix='.png',
-              reduce_zero_label=True, metainfo=dict(classes=SHAPES), pipeline=[])
-    try:  # mmseg 1.2.2 rejects class names that are not ADE20K's own (BaseSegDataset.get_label_map)
-        seg = ADE20KDataset(**kw)
-    except ValueError:
-        seg = BaseSegDataset(**kw)
-    assert len(seg) == 3 and seg.metainfo['classes'] == SHAPES
-    info = seg[0]
-    gt = LoadAnnotations(reduce_zero_label=True)(dict(info))['gt_seg_map']
-    assert set(np.unique(gt)) <= {0, 1, 2, 255} and (gt == 255).any() and (gt < 3).any()
+    classes = make_demo_data.SEG_CLASSES
+    seg = BaseSegDataset(data_root=str(demo_data / 'ade'), data_prefix=dict(img_path='images/validation',
+                         seg_map_path='annotations/validation'), img_suffix='.jpg', seg_map_suffix='.png',
+                         reduce_zero_label=False, metainfo=dict(classes=classes), pipeline=[])
+    assert len(seg) == 3 and seg.metainfo['classes'] == classes and seg[0]['label_map'] is None
+    gts = [LoadAnnotations(reduce_zero_label=False)(dict(seg[i]))['gt_seg_map'] for i in range(len(seg))]
+    # every pixel is one of the four classes (none ignored): background 0 and at least one shape each
+    for gt in gts:
+        assert set(np.unique(gt)) <= {0, 1, 2, 3} and (gt == 0).any() and (gt > 0).any()
 
 
 @pytest.mark.skipif(not _mm_available(), reason='mmcv (with ops) is not installed')
@@ -116,7 +117,39 @@ def test_demo_configs_read_the_demo_data(config, demo_data):
     ds_cfg.data_root = str(demo_data / ('coco' if '/det/' in config else 'ade')) + '/'
     ds_cfg.pipeline = []
     ds = DATASETS.build(ds_cfg)
-    assert len(ds) > 0 and len(ds.metainfo['classes']) == 3
+    assert len(ds) > 0
+    assert ds.metainfo['classes'] == (SHAPES if '/det/' in config else make_demo_data.SEG_CLASSES)
+
+
+@pytest.mark.skipif(not _mm_available(), reason='mmcv (with ops) is not installed')
+def test_seg_demo_classes_agree_everywhere():
+    """Demo data, config (metainfo, heads, label loading) and the demo's picture use the same 4 classes, background
+    included and scored, so the prediction picture shows what the mIoU measures."""
+    from mmengine.config import Config
+    import demo
+    classes = make_demo_data.SEG_CLASSES
+    assert classes[0] == 'background' and len(classes) == 4
+    cfg = Config.fromfile(str(ROOT / 'configs' / 'seg' / 'demo_upernet.py'))
+    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
+        ds = loader.dataset
+        assert tuple(ds.metainfo['classes']) == classes and ds.reduce_zero_label is False
+        assert [list(c) for c in demo.SEG_COLOURS] == [list(c) for c in ds.metainfo['palette']]
+    assert cfg.model.decode_head.num_classes == cfg.model.auxiliary_head.num_classes == len(classes)
+    loads = [t for t in cfg.train_pipeline + cfg.test_pipeline if t['type'] == 'LoadAnnotations']
+    loads += [t for step in cfg.tta_pipeline[1]['transforms'] for t in step if t['type'] == 'LoadAnnotations']
+    assert len(loads) == 3 and all(t['reduce_zero_label'] is False for t in loads)
+    assert demo.SEG_CLASSES == classes and len(set(map(tuple, demo.SEG_COLOURS))) == len(classes)
+
+
+def test_seg_demo_picture_draws_background_as_a_class():
+    import demo
+    labels = np.array([[0, 1], [2, 3], [255, 0]], np.uint8)
+    rgb = demo.colour_labels(labels)
+    assert rgb.shape == (3, 2, 3) and rgb.dtype == np.uint8
+    assert [tuple(rgb[0, 0]), tuple(rgb[0, 1]), tuple(rgb[1, 0]), tuple(rgb[1, 1])] == \
+        [tuple(c) for c in demo.SEG_COLOURS]
+    assert tuple(rgb[2, 0]) == demo.IGNORE_COLOUR and demo.IGNORE_COLOUR not in map(tuple, demo.SEG_COLOURS)
+    assert tuple(rgb[2, 1]) == tuple(demo.SEG_COLOURS[0])  # background: its own colour, not the ignore colour
 
 
 # ------------------------------------------------------------------ collect_results

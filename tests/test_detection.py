@@ -145,14 +145,17 @@ def test_test_tool_writes_results_json(det_run, tmp_path):
 
 
 def test_resume_from_saved_checkpoint(det_run):
-    """`--resume` (auto) continues from epoch_24.pth: mmengine's torch.load(weights_only=True) + our allow-list."""
+    """`--resume` (auto) continues from epoch_24.pth: mmengine's torch.load(weights_only=True) + our allow-list
+    (installed by tools/train.py)."""
     from overlock_core.checkpoint import load_checkpoint_file
+    from overlock_core.mm import mmengine_checkpoint_globals
     p = run_tool('train.py', det_run['cfg'], '--work-dir', det_run['work'], '--resume',
                  '--cfg-options', 'train_cfg.max_epochs=25', 'train_cfg.val_interval=100',
                  'default_hooks.checkpoint.interval=1')
     log = p.stdout + p.stderr
     assert 'resumed epoch: 24, iter: 96' in log, log[-3000:]
-    ck = load_checkpoint_file(osp.join(det_run['work'], 'epoch_25.pth'))
+    with mmengine_checkpoint_globals():  # a Runner checkpoint: message_hub holds mmengine/numpy objects
+        ck = load_checkpoint_file(osp.join(det_run['work'], 'epoch_25.pth'))
     assert ck['meta']['epoch'] == 25 and ck['meta']['iter'] == 100
 
 

@@ -398,7 +398,7 @@ def test_safe_load_allows_mmengine_checkpoints_and_refuses_code(tmp_path):
     from mmengine.logging import HistoryBuffer, MessageHub
     from mmengine.runner.checkpoint import _load_checkpoint
 
-    from overlock_core.mm.safe_load import MMENGINE_SAFE_GLOBALS
+    from overlock_core.mm.safe_load import MMENGINE_SAFE_GLOBALS, mmengine_checkpoint_globals
     names = {g[1] if isinstance(g, tuple) else f'{g.__module__}.{g.__name__}' for g in MMENGINE_SAFE_GLOBALS}
     assert 'mmengine.logging.history_buffer.HistoryBuffer' in names
     assert not any(n.startswith(('os.', 'posix.', 'subprocess', 'mmengine.config')) for n in names)
@@ -413,26 +413,90 @@ def test_safe_load_allows_mmengine_checkpoints_and_refuses_code(tmp_path):
                      'count': np.int64(7)},
             'message_hub': hub.state_dict(), 'state_dict': {'w': torch.ones(2)}}
     torch.save(ckpt, tmp_path / 'ok.pth')
-    loaded = _load_checkpoint(str(tmp_path / 'ok.pth'), map_location='cpu')  # mmengine's own torch.load call
+    with mmengine_checkpoint_globals():
+        loaded = _load_checkpoint(str(tmp_path / 'ok.pth'), map_location='cpu')  # mmengine's own torch.load call
     assert isinstance(loaded['message_hub']['log_scalars']['train/loss'], HistoryBuffer)
     assert loaded['meta']['np_scalar'] == 2.0
 
     marker = tmp_path / 'pwned'
     with open(tmp_path / 'evil.pth', 'wb') as f:
         pickle.dump({'state_dict': {}, 'x': _Evil(marker)}, f)
-    with pytest.raises(pickle.UnpicklingError):
-        _load_checkpoint(str(tmp_path / 'evil.pth'), map_location='cpu')
     torch.save({'x': _Evil(marker)}, tmp_path / 'evil_zip.pth')
-    with pytest.raises(pickle.UnpicklingError):
-        _load_checkpoint(str(tmp_path / 'evil_zip.pth'), map_location='cpu')
-    assert not marker.exists()
-    # getattr beyond HistoryBuffer's statistics methods is refused
-    class _Sneaky:
+
+    class _Sneaky:  # getattr beyond HistoryBuffer's statistics methods
         def __reduce__(self):
             return (getattr, (HistoryBuffer, '__init__'))
     torch.save({'x': _Sneaky()}, tmp_path / 'getattr.pth')
-    with pytest.raises(pickle.UnpicklingError):
-        _load_checkpoint(str(tmp_path / 'getattr.pth'), map_location='cpu')
+    with mmengine_checkpoint_globals():
+        for name in ('evil.pth', 'evil_zip.pth', 'getattr.pth'):
+            with pytest.raises(pickle.UnpicklingError):
+                _load_checkpoint(str(tmp_path / name), map_location='cpu')
+    assert not marker.exists()
+    # outside the block the allow-list is gone again (unless a launcher installed it for the whole process)
+    if not any(g in torch.serialization.get_safe_globals() for g in MMENGINE_SAFE_GLOBALS):
+        with pytest.raises(pickle.UnpicklingError):
+            _load_checkpoint(str(tmp_path / 'ok.pth'), map_location='cpu')
+
+
+def _run_python(code):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_importing_the_adapter_changes_no_other_library():
+    """Importing overlock_core.mm (directly or through a config's custom_imports) only registers modules: torch's
+    weights_only allow-list and mmengine's checkpoint saving stay as they were until install_runner_patches()."""
+    code = """
+import torch
+import mmengine.runner.checkpoint as ck
+import mmengine.runner.runner as rr
+allowed = lambda: set(torch.serialization.get_safe_globals())
+before = (allowed(), ck.save_checkpoint, rr.save_checkpoint)
+from mmengine.config import Config
+cfg = Config.fromfile('configs/seg/demo_upernet.py')  # custom_imports: overlock_core.mm, segmentation
+import overlock_core.mm as om
+from overlock_core.mm import atomic, safe_load
+from mmengine.registry import MODELS
+assert 'overlock_core.mm' in cfg.custom_imports['imports'] and MODELS.get('OverLoCKBackbone') is om.OverLoCKBackbone
+assert (ck.save_checkpoint, rr.save_checkpoint) == before[1:], 'import patched mmengine'
+# torch allow-lists its own classes as its submodules load (torch.distributed.tensor, ...); nothing else may appear
+origin = lambda g: getattr(g[0] if isinstance(g, tuple) else g, '__module__', None) or ''
+added = allowed() - before[0]
+assert all(origin(g).startswith('torch.') for g in added), sorted(map(str, added))
+assert not any(g in allowed() for g in om.MMENGINE_SAFE_GLOBALS), 'import allow-listed mmengine classes'
+assert not om.runner_patches_installed()
+after_import = allowed()
+with om.mmengine_checkpoint_globals():
+    assert all(g in allowed() for g in om.MMENGINE_SAFE_GLOBALS)
+assert allowed() == after_import, 'scoped'
+om.install_runner_patches()
+om.install_runner_patches()  # idempotent
+assert allowed() == after_import | set(om.MMENGINE_SAFE_GLOBALS)
+assert ck.save_checkpoint is rr.save_checkpoint is atomic.atomic_save_checkpoint
+assert om.runner_patches_installed()
+with om.mmengine_checkpoint_globals():  # a scoped block leaves the installed list in place
+    pass
+assert om.runner_patches_installed()
+print('ok')
+"""
+    p = _run_python(code)
+    assert p.returncode == 0 and p.stdout.strip().endswith('ok'), p.stdout[-2000:] + p.stderr[-3000:]
+
+
+def test_overlock_core_does_not_import_the_adapter():
+    """The core package (models, ops, checkpoint loading) imports neither overlock_core.mm nor mmengine."""
+    code = """
+import sys
+import overlock_core, overlock_core.checkpoint, overlock_core.models, overlock_core.ops
+import timm
+m = timm.create_model('test_overlock', num_classes=3)
+bad = sorted(n for n in sys.modules if n.startswith(('overlock_core.mm', 'mmengine', 'mmcv', 'mmdet', 'mmseg')))
+assert not bad, bad
+print('ok')
+"""
+    p = _run_python(code)
+    assert p.returncode == 0 and p.stdout.strip().endswith('ok'), p.stdout[-2000:] + p.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------------- launchers
@@ -481,10 +545,25 @@ def test_test_tool_tta_and_data_root(tmp_path):
         test.build_cfg(test.parse_args([osp.join(ROOT, 'configs', 'det', 'demo_maskrcnn.py'), str(ck), '--tta']))
 
 
-def test_runner_checkpoints_are_written_atomically(tmp_path):
+@pytest.fixture
+def runner_patches(monkeypatch):
+    """``install_runner_patches()`` for one test; mmengine's functions and torch's allow-list restored after it."""
+    import mmengine.runner.checkpoint as mm_checkpoint
+    import mmengine.runner.runner as mm_runner
+
+    from overlock_core.mm import install_runner_patches
+    monkeypatch.setattr(mm_checkpoint, 'save_checkpoint', mm_checkpoint.save_checkpoint)  # restored at teardown
+    monkeypatch.setattr(mm_runner, 'save_checkpoint', mm_runner.save_checkpoint)
+    allowed = torch.serialization.get_safe_globals()
+    install_runner_patches()
+    yield
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(allowed)
+
+
+def test_runner_checkpoints_are_written_atomically(tmp_path, runner_patches):
     import mmengine.runner.runner as mm_runner
     import torch
-    import overlock_core.mm  # noqa: F401
     from overlock_core.mm.atomic import atomic_save_checkpoint
     assert mm_runner.save_checkpoint is atomic_save_checkpoint
     path = tmp_path / 'epoch_1.pth'

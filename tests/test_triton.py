@@ -5,24 +5,12 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 
 from overlock_core.ops import na2d_av, triton_av
+from triton_marks import OLD_INTERPRETER, needs_cuda, needs_triton
 
-
-def _version(text):
-    return tuple(int(p) for p in text.split('+')[0].split('.')[:2])
-
-
-needs_triton = pytest.mark.skipif(triton_av.triton is None, reason='Triton is not installed')
-# Triton 3.6's interpreter turns every loop bound into a 1-element numpy array, which numpy >= 2.4 refuses to
-# convert (seen on the GPU machine: Triton 3.6.0, numpy 2.5.2); Triton 3.8 with either numpy works.
-OLD_INTERPRETER = triton_av.triton is not None and _version(triton_av.triton.__version__) < (3, 8) \
-    and _version(np.__version__) >= (2, 4)
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton_av.triton is None,
-                                reason='needs a CUDA GPU and Triton')
 
 # Run in a fresh interpreter: TRITON_INTERPRET must be set before the kernels are defined. The kernels then serve
 # CPU tensors, so na2d_av and kernel_av dispatch to them; the references are float64 loops and autograd.

@@ -19,6 +19,8 @@ varying part of the peak); CUDA peak memory is torch.cuda.max_memory_allocated a
   python tools/benchmark.py --models overlock_t --modes train --repeats 1 --profile 20   # where a step's time goes
   python tools/benchmark.py --compile --device cuda          # both models through torch.compile (slow to compile on CPU)
   python tools/benchmark.py --models overlock_t convnext_tiny --modes train --paired 10   # plus ratios from one process
+  python tools/benchmark.py --device cuda --realistic --repeats 1 --json real.json   # the GPU figures (see docs/gpu.md)
+  python tools/benchmark.py --device cuda --ops dwconv --json dwconv.json   # cuDNN vs Triton depth-wise table
 """
 import argparse
 import json
@@ -111,6 +113,10 @@ def _build(a: Dict):
     if a.get('compile'):
         model = torch.compile(model)
     amp = torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32)
+    opt = scaler = None
+    if a.get('optimizer') and a['mode'] == 'train':  # a full training step: AdamW, and a GradScaler under fp16
+        opt = torch.optim.AdamW(params.parameters(), lr=1e-5, **({'fused': True} if dev == 'cuda' else {}))
+        scaler = torch.amp.GradScaler(dev, enabled=dtype == torch.float16)
 
     def out_sum(out):
         if isinstance(out, (list, tuple)):
@@ -127,9 +133,15 @@ def _build(a: Dict):
         def step():
             with amp:
                 loss = out_sum(model(x))
-            loss.backward()
-            for p in params.parameters():
-                p.grad = None
+            if opt is None:
+                loss.backward()
+                for p in params.parameters():
+                    p.grad = None
+                return
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
     return params, step
 
 
@@ -148,8 +160,24 @@ def run_model(a: Dict) -> Dict:
     res = dict(seconds=sec, images_per_s=a['batch'] / sec, peak_mib=_peak(dev) - base,
                params_m=sum(p.numel() for p in model.parameters()) / 1e6, compile_s=compile_s)
     if a.get('profile'):
-        res['profile'] = _profile(step, dev, a['profile'])
+        res['profile'], res['profile_kinds'] = _profile(step, dev, a['profile'])
     return res
+
+
+def run_suite(a: Dict) -> List[Dict]:
+    """The cases of ``a['cases']`` one after the other in this process (one model, one precision): the process
+    start is paid once; each peak is that case's own (CUDA: allocated bytes above the state before its step)."""
+    import gc
+    out = []
+    for case in a['cases']:
+        try:
+            out.append(run_model(dict(a, **case)))
+        except Exception as e:  # e.g. out of memory: the other cases still run
+            out.append(dict(error=f'{type(e).__name__}: {e}'.splitlines()[0][:300]))
+        gc.collect()
+        if a['device'] == 'cuda':
+            torch.cuda.empty_cache()
+    return out
 
 
 def run_paired(a: Dict) -> Dict:
@@ -172,17 +200,65 @@ def run_paired(a: Dict) -> Dict:
     return times
 
 
-def _profile(step, device: str, top: int) -> List:
-    """[op, ms, calls] of the ``top`` operators by self time (device time on CUDA) over one step."""
+def _profile(step, device: str, top: int):
+    """([op, ms, calls] of the ``top`` operators by self time (device time on CUDA) over one step,
+    {kind: ms} over all of them, ``KINDS``)."""
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device == 'cuda':
         acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
         step()
         _sync(device)
     key = 'self_device_time_total' if device == 'cuda' else 'self_cpu_time_total'
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
-    return [[e.key, getattr(e, key) / 1e3, e.count] for e in events]
+    return [[e.key, getattr(e, key) / 1e3, e.count] for e in events], _kinds(prof.events(), device)
+
+
+KINDS = ('depthwise conv', 'conv', 'matmul', 'norm', 'elementwise', 'other')
+_KIND_PATTERNS = (  # lower-case name fragments, tried in this order (op names on the CPU, kernel names on CUDA)
+    ('depthwise conv', ('depthwise', 'dwconv', 'grouped_direct', 'fft')),  # CPU: FFTs serve depth-wise gradients
+    ('conv', ('conv', 'fprop', 'dgrad', 'wgrad', 'implicit', 'winograd', 'nchwtonhwc', 'nhwctonchw')),
+    ('matmul', ('gemm', 'matmul', 'mm', 'cutlass', 'linear', 'cublas')),
+    ('norm', ('_norm', 'norm_', 'welford', 'bn_', 'grn')),  # not 'normal_' (random numbers)
+    ('elementwise', ('elementwise', 'add', 'mul', 'sub', 'div', 'gelu', 'silu', 'sigmoid', 'relu', 'copy', 'clone',
+                     'fill', 'where', 'pow', 'sqrt', 'exp', 'neg', 'clamp', 'cat', 'zero', 'scale', 'to_copy')),
+)
+
+
+def _depthwise_shapes(shapes) -> bool:
+    """Whether an op's input shapes hold a depth-wise kernel (C, 1, K, K), K > 1."""
+    return any(len(s) == 4 and s[1] == 1 and s[2] == s[3] > 1 for s in shapes or () if isinstance(s, list))
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, parts in _KIND_PATTERNS if any(p in low for p in parts)), 'other')
+
+
+def _kinds(events, device: str) -> Dict[str, float]:
+    """ms per kind (``KINDS``) over one profiled step: on CUDA every kernel's device time (the kernels an op with a
+    depth-wise kernel among its inputs launched count as depth-wise conv, the rest by kernel name), on the CPU
+    every op's self time (an op with a depth-wise kernel among its inputs: depth-wise conv)."""
+    from collections import Counter
+    from torch.autograd import DeviceType
+    out = dict.fromkeys(KINDS, 0.0)
+    if device == 'cuda':
+        total, dw = Counter(), Counter()  # us per kernel name: all launches, launches by depth-wise ops
+        for e in events:
+            if e.device_type != DeviceType.CPU:
+                total[e.name] += e.device_time_total
+            elif _depthwise_shapes(e.input_shapes):
+                for k in e.kernels:
+                    dw[k.name] += k.duration
+        for name, us in total.items():
+            mine = min(dw[name], us)
+            out['depthwise conv'] += mine / 1e3
+            out[_kind(name)] += (us - mine) / 1e3
+    else:
+        for e in events:
+            kind = 'depthwise conv' if _depthwise_shapes(e.input_shapes) else _kind(e.name)
+            out[kind] += e.self_cpu_time_total / 1e3
+    return out
 
 
 OP_SHAPES = {  # name: (heads*batch factor G, channels per head c, H, W, K) for OverLoCK-T
@@ -215,6 +291,215 @@ def run_op(a: Dict) -> Dict:
     return dict(seconds=sec, peak_mib=_peak(dev) - base)
 
 
+def _kinds_line(kinds: Dict[str, float]) -> str:
+    total = sum(kinds.values()) or 1.0
+    return ', '.join(f'{k} {ms:.1f} ms ({ms / total:.0%})' for k, ms in kinds.items())
+
+
+DWCONV_INPUTS = ['224:128', '800x1333:2']  # input HxW:batch of the depth-wise op table (the realistic suite's)
+
+
+def _parse_input(text: str):
+    """'224:128' or '800x1333:2' -> (h, w, batch)."""
+    size, _, batch = text.partition(':')
+    h, _, w = size.partition('x')
+    return int(h), int(w or h), int(batch or 1)
+
+
+def dwconv_shapes(inputs: List[str], variant: str = 't') -> List[Dict]:
+    """Every depth-wise conv shape an OverLoCK variant meets at these inputs: per stage the large kernel, its
+    re-parameterisation branches (the dynamic blocks' too) and the 3x3 conv, each (kernel, dilation) once."""
+    from overlock_core.models.layers import DRB_BRANCHES
+    from overlock_core.models.overlock import get_arch
+    cfg = get_arch(variant)
+    shapes = []
+    for text in inputs:
+        h, w, batch = _parse_input(text)
+        for stage, (c, big) in enumerate(zip(cfg['dims'], cfg['kernel_sizes'])):
+            hs, ws = h, w
+            for _ in range(stage + 2):  # stride-2 convs, padding 1: ceil(h / 2) each
+                hs, ws = -(-hs // 2), -(-ws // 2)
+            for k, d in dict.fromkeys(((big, 1),) + DRB_BRANCHES[big] + ((3, 1),)):
+                shapes.append(dict(input=text, stage=stage + 1, batch=batch, c=c, h=hs, w=ws, k=k, d=d))
+    return shapes
+
+
+def run_dwconv(a: Dict) -> List[Dict]:
+    """Forward + both gradients (and forward alone) of each depth-wise shape of ``a['shapes']``, per dtype and
+    layout: cuDNN (F.conv2d; oneDNN on the CPU) against the Triton kernels where they can run. ``warm_only``: one
+    call of each Triton shape, timing nothing (fills Triton's kernel cache, several processes at once)."""
+    import torch.nn.functional as F
+    from overlock_core.ops import triton_dwconv
+    dev, rows = a['device'], []
+    for shape in a['shapes']:
+        n, c, h, w, k, d = (shape[key] for key in ('batch', 'c', 'h', 'w', 'k', 'd'))
+        for dtype_name in a['dtypes']:
+            for layout in ('nchw', 'channels_last'):
+                fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
+                x = torch.randn(n, c, h, w, device=dev).to(DTYPES[dtype_name]).contiguous(memory_format=fmt)
+                weight = torch.randn(c, 1, k, k, device=dev).to(x.dtype) / k
+                grad = torch.randn_like(x)
+                x.requires_grad_()
+                weight.requires_grad_()
+                impls = {'cudnn': lambda: F.conv2d(x, weight, None, 1, d * (k - 1) // 2, d, c)}
+                if triton_dwconv.available(x):
+                    impls['triton'] = lambda: triton_dwconv.depthwise_conv2d(x, weight, None, d)
+                row = dict(shape, dtype=dtype_name, layout=layout)
+                for name, fn in impls.items():
+                    if a.get('warm_only') and name != 'triton':
+                        continue
+
+                    def step(fn=fn):
+                        torch.autograd.backward(fn(), grad)
+                        x.grad = weight.grad = None
+
+                    def forward(fn=fn):
+                        with torch.no_grad():
+                            fn()
+                    try:
+                        if a.get('warm_only'):
+                            step()
+                            forward()
+                            continue
+                        row[name] = _time(step, dev, a['warmup'], a['iters']) * 1e3
+                        row[name + '_fwd'] = _time(forward, dev, a['warmup'], a['iters']) * 1e3
+                    except Exception as e:  # e.g. a compile failure: the other shapes still run
+                        row[name + '_error'] = f'{type(e).__name__}: {e}'.splitlines()[0][:300]
+                rows.append(row)
+                del x, weight, grad
+    return rows
+
+
+def measured_entries(rows: List[Dict]) -> Dict:
+    """triton_dwconv.MEASURED entries from the op table: (kernel, dilation, map bucket, dtype) -> True where the
+    Triton kernels were faster (forward + both gradients) for every shape and layout measured with that key,
+    False where any was slower."""
+    from overlock_core.ops.triton_dwconv import map_bucket
+    verdict: Dict = {}
+    for r in rows:
+        if 'cudnn' not in r or 'triton' not in r:
+            continue
+        key = (r['k'], r['d'], map_bucket(r['h'], r['w']), r['dtype'])
+        verdict[key] = verdict.get(key, True) and r['triton'] < r['cudnn']
+    return dict(sorted(verdict.items(), key=lambda kv: (kv[0][3], -kv[0][0], kv[0][1], kv[0][2])))
+
+
+def _dwconv_table(args, common: Dict) -> List[Dict]:
+    shapes = dwconv_shapes(args.dwconv_inputs)
+    spec = dict(common, kind='dwconv', dtypes=args.op_dtypes)
+    if args.device == 'cuda' and args.jobs > 1:  # compile every Triton shape first, in parallel processes
+        chunks = [shapes[i::args.jobs] for i in range(args.jobs)]
+        procs = [_spawn(dict(spec, shapes=chunk, warm_only=True)) for chunk in chunks if chunk]
+        for p in procs:
+            p.communicate()
+    rows = _worker(dict(spec, shapes=shapes))
+    if isinstance(rows, dict):  # the worker failed as a whole
+        print(f'depth-wise op table error: {rows["error"]}')
+        return [rows]
+    print(f'depth-wise conv, forward + both gradients (forward alone), {args.device}: cuDNN against Triton')
+    print('| input | stage | C | map | kernel | dilation | dtype | layout | cuDNN ms | Triton ms | speed-up |'
+          ' fwd cuDNN ms | fwd Triton ms |')
+    print('|---|---:|---:|---|---:|---:|---|---|---:|---:|---:|---:|---:|')
+    for r in rows:
+        tri = r.get('triton')
+        speedup = f"{r['cudnn'] / tri:.2f}x" if tri and r.get('cudnn') else 'n/a'
+        err = r.get('triton_error') or r.get('cudnn_error')
+
+        def ms(key):
+            return f'{r[key]:.3f}' if key in r else ('error' if err else 'n/a')
+        print(f"| {r['input']} | {r['stage']} | {r['c']} | {r['h']}x{r['w']} | {r['k']} | {r['d']} | {r['dtype']} | "
+              f"{r['layout']} | {ms('cudnn')} | {ms('triton')} | {speedup} | {ms('cudnn_fwd')} | {ms('triton_fwd')} |")
+        if err:
+            print(f'  error: {err}')
+    entries = measured_entries(rows)
+    if entries:
+        print('triton_dwconv.MEASURED (True: Triton faster in every shape and layout of the key):')
+        print('MEASURED = {')
+        for key, value in entries.items():
+            print(f'    {key!r}: {value},')
+        print('}')
+    else:
+        print('no Triton timings (no CUDA device, or Triton missing): MEASURED stays empty')
+    return rows
+
+
+REALISTIC_CASES = ('train', 'infer', 'dense')
+
+
+def _realistic(args, common: Dict) -> List[Dict]:
+    """Training and inference at ``--size`` (batch ``--realistic-batch``) and a dense backbone training step at
+    ``--dense-size`` (batch ``--dense-batch``), channels-last, each model under each precision of ``--precisions``
+    (autocast; training with AdamW, and a GradScaler under fp16); a markdown table with the ratios to the peer."""
+    models = args.models or ['overlock_t', 'convnext_tiny']
+    cases = [dict(case='train', mode='train', size=list(args.size), batch=args.realistic_batch, backbone=False),
+             dict(case='infer', mode='infer', size=list(args.size), batch=args.realistic_batch, backbone=False),
+             dict(case='dense', mode='train', size=list(args.dense_size), batch=args.dense_batch, backbone=True)]
+    spec = dict(common, kind='suite', cases=cases, channels_last=True, optimizer=True, lean=args.lean,
+                grad_checkpointing=args.grad_checkpointing, compile=args.compile, profile=args.profile)
+    results: Dict = {}
+    for _ in range(args.repeats):
+        for precision in args.precisions:
+            for model in models:
+                runs = _worker(dict(spec, model=model, dtype=precision))
+                for case, r in zip(cases, runs if isinstance(runs, list) else [runs] * len(cases)):
+                    results.setdefault((model, precision, case['case']), []).append(r)
+    rows = []
+    for (model, precision, case), runs in results.items():
+        c = next(c for c in cases if c['case'] == case)
+        ok = [r for r in runs if 'error' not in r]
+        row = dict(model=model, precision=precision, case=case, mode=c['mode'], size=c['size'], batch=c['batch'],
+                   backbone=c['backbone'])
+        if not ok:
+            rows.append(dict(row, error=runs[0]['error']))
+            continue
+        sec = statistics.median(r['seconds'] for r in ok)
+        rows.append(dict(row, seconds=sec, images_per_s=c['batch'] / sec,
+                         peak_mib=statistics.median(r['peak_mib'] for r in ok), runs=[r['seconds'] for r in ok],
+                         profile=ok[0].get('profile'), profile_kinds=ok[0].get('profile_kinds')))
+    by = {(r['model'], r['precision'], r['case']): r for r in rows}
+    peer_of = dict(PEERS)
+    print(f"{args.device}, channels-last, autocast; training: AdamW step (GradScaler under fp16); "
+          f"{args.repeats} process(es) per model and precision, medians")
+    print('| model | precision | mode | img/s or ms/step | peak MiB | vs ConvNeXt-T |')
+    print('|---|---|---|---:|---:|---|')
+    for r in rows:
+        h, w = r['size']
+        what = (f"{'dense backbone train' if r['case'] == 'dense' else r['mode']} {h}x{w}, batch {r['batch']}")
+        if 'error' in r:
+            print(f"| {r['model']} | {r['precision']} | {what} | error: {r['error']} | | |")
+            continue
+        figure = f"{r['seconds'] * 1e3:.1f} ms/step" if r['case'] == 'dense' else f"{r['images_per_s']:.0f} img/s"
+        peer = by.get((peer_of.get(r['model']), r['precision'], r['case']))
+        ratio = '1 (reference)' if r['model'] in peer_of.values() else 'n/a'
+        if peer is not None and 'error' not in peer:
+            r['time_ratio'] = r['seconds'] / peer['seconds']
+            r['memory_ratio'] = r['peak_mib'] / max(peer['peak_mib'], 1e-3)
+            speed = f"{r['time_ratio']:.2f}x time" if r['case'] == 'dense' else f"{1 / r['time_ratio']:.2f}x img/s"
+            ratio = f"{speed}, {r['memory_ratio']:.2f}x memory"
+        print(f"| {r['model']} | {r['precision']} | {what} | {figure} | {r['peak_mib']:.0f} | {ratio} |")
+    for r in rows:
+        if 'time_ratio' not in r:
+            continue
+        goal = {'train': ('img/s', 1 / r['time_ratio'], '>=', 0.6), 'infer': ('img/s', 1 / r['time_ratio'], '>=', 0.7),
+                'dense': ('time', r['time_ratio'], '<=', 2.5)}[r['case']]
+        checks = [goal] + ([('memory', r['memory_ratio'], '<=', 1.5)] if r['case'] == 'dense' else [])
+        verdicts = [f"{name} {v:.2f}x ({op} {lim}x: {'met' if (v >= lim if op == '>=' else v <= lim) else 'not met'})"
+                    for name, v, op, lim in checks]
+        print(f"goal, {r['model']} {r['precision']} {r['case']}: {'; '.join(verdicts)}")
+    for r in rows:
+        for name, ms, calls in r.get('profile') or []:
+            print(f"  {r['model']} {r['precision']} {r['case']}: {ms:9.2f} ms {calls:6d}x  {name}")
+        if r.get('profile_kinds'):
+            print(f"  {r['model']} {r['precision']} {r['case']} by kind: {_kinds_line(r['profile_kinds'])}")
+    return rows
+
+
+def _spawn(spec: Dict) -> subprocess.Popen:
+    cmd = [sys.executable, os.path.abspath(__file__), '--worker', json.dumps(spec)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec['threads']))
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
 def _worker(spec: Dict) -> Dict:
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(spec['threads']))
@@ -227,7 +512,7 @@ def _worker(spec: Dict) -> Dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--models', nargs='+', default=DEFAULT_MODELS)
+    ap.add_argument('--models', nargs='+', default=None, help=f'default: {" ".join(DEFAULT_MODELS)}')
     ap.add_argument('--modes', nargs='+', default=['infer', 'train'], choices=['infer', 'train'])
     ap.add_argument('--size', type=int, nargs=2, default=[224, 224], metavar=('H', 'W'))
     ap.add_argument('--batch', type=int, default=8)
@@ -255,12 +540,31 @@ def main(argv=None):
     ap.add_argument('--iters', type=int, default=3)
     ap.add_argument('--repeats', type=int, default=3,
                     help='fresh processes per model and mode, alternating between models; the median is reported '
-                         '(step times of one process on a shared CPU drift by 10-20%%)')
+                         '(one process\'s step times drift on a shared CPU)')
     ap.add_argument('--paired', type=int, default=0, metavar='ROUNDS',
                     help='also time all models in one process, one step each per round for ROUNDS rounds (the '
                          'order rotating): time ratios from the same rounds, free of drift between processes')
-    ap.add_argument('--ops', action='store_true', help='benchmark the aggregation operator instead of models')
+    ap.add_argument('--ops', nargs='?', const='av', choices=['av', 'dwconv'],
+                    help="benchmark an operator instead of models: 'av' (the default) the aggregation operator "
+                         "against the unfold formulation; 'dwconv' every depth-wise conv shape of OverLoCK-T, cuDNN "
+                         "against the Triton kernels, and the triton_dwconv.MEASURED entries from it")
     ap.add_argument('--op-shapes', nargs='+', default=list(OP_SHAPES))
+    ap.add_argument('--op-dtypes', nargs='+', default=['fp16', 'bf16'], choices=list(DTYPES),
+                    help='--ops dwconv: the dtypes timed')
+    ap.add_argument('--dwconv-inputs', nargs='+', default=DWCONV_INPUTS, metavar='HxW:BATCH',
+                    help='--ops dwconv: the model inputs whose depth-wise shapes are timed')
+    ap.add_argument('--jobs', type=int, default=8,
+                    help='--ops dwconv on CUDA: processes compiling the Triton kernels before the timing')
+    ap.add_argument('--realistic', action='store_true',
+                    help='overlock_t vs convnext_tiny (or --models) under each of --precisions, channels-last, '
+                         'AdamW steps: training and inference img/s at --size, batch --realistic-batch, and a dense '
+                         'backbone training step at --dense-size, batch --dense-batch; a markdown table')
+    ap.add_argument('--precisions', nargs='+', default=['fp16', 'bf16'], choices=list(DTYPES))
+    ap.add_argument('--realistic-batch', type=int, default=128)
+    ap.add_argument('--dense-size', type=int, nargs=2, default=[800, 1333], metavar=('H', 'W'))
+    ap.add_argument('--dense-batch', type=int, default=2)
+    ap.add_argument('--optimizer', action='store_true',
+                    help='training steps include an AdamW step (and a GradScaler under fp16)')
     ap.add_argument('--json', help='write all rows to this file')
     ap.add_argument('--worker', help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -268,13 +572,18 @@ def main(argv=None):
         spec = json.loads(args.worker)
         torch.set_num_threads(spec['threads'])
         torch.backends.cudnn.benchmark = spec.get('cudnn_benchmark', False)
-        run = {'op': run_op, 'paired': run_paired}.get(spec.get('kind'), run_model)
+        run = {'op': run_op, 'paired': run_paired, 'suite': run_suite, 'dwconv': run_dwconv}.get(spec.get('kind'),
+                                                                                                   run_model)
         print(json.dumps(run(spec)))
         return
     common = dict(device=args.device, threads=args.threads, batch=args.batch, warmup=args.warmup, iters=args.iters,
                   cudnn_benchmark=args.cudnn_benchmark)
     rows: List[Dict] = []
-    if args.ops:
+    if args.realistic:
+        rows = _realistic(args, common)
+    elif args.ops == 'dwconv':
+        rows = _dwconv_table(args, common)
+    elif args.ops:
         print(f'aggregation fwd+bwd, batch {args.batch}, {args.device}, {args.threads} threads')
         print(f"{'shape':22}{'ours ms':>10}{'unfold ms':>11}{'speed-up':>10}{'ours MiB':>10}{'unfold MiB':>12}{'mem ratio':>11}")
         for shape in args.op_shapes:
@@ -299,9 +608,11 @@ def main(argv=None):
               f"{', OverLoCK lean=max' if args.lean == 'max' else ''}"
               f"{', OverLoCK lean=True' if args.lean is True else ''}")
         print(f"{'model':18}{'mode':7}{'ms/step':>10}{'img/s':>9}{'peak MiB':>10}{'params M':>10}{'spread':>10}")
+        args.models = args.models or DEFAULT_MODELS
         results: Dict = {}
         spec = dict(common, size=[h, w], dtype=args.dtype, channels_last=args.channels_last, backbone=args.backbone,
-                    grad_checkpointing=args.grad_checkpointing, lean=args.lean, compile=args.compile)
+                    grad_checkpointing=args.grad_checkpointing, lean=args.lean, compile=args.compile,
+                    optimizer=args.optimizer)
         for _ in range(args.repeats):  # models alternate, so a slow spell of the machine hits each of them
             for model in args.models:
                 for mode in args.modes:
@@ -317,7 +628,8 @@ def main(argv=None):
             r = dict(model=model, mode=mode, size=[h, w], seconds=statistics.median(times),
                      peak_mib=statistics.median(r['peak_mib'] for r in ok), params_m=ok[0]['params_m'],
                      runs=[r['seconds'] for r in ok], peak_runs=[r['peak_mib'] for r in ok],
-                     profile=ok[0].get('profile'), compile_s=[r['compile_s'] for r in ok] if args.compile else None)
+                     profile=ok[0].get('profile'), profile_kinds=ok[0].get('profile_kinds'),
+                     compile_s=[r['compile_s'] for r in ok] if args.compile else None)
             r['images_per_s'] = args.batch / r['seconds']
             rows.append(r)
             spread = (max(times) - min(times)) / r['seconds'] * 100
@@ -328,6 +640,8 @@ def main(argv=None):
                 print(f"  {r['model']} {r['mode']}: compiled in {', '.join(f'{c:.0f}' for c in r['compile_s'])} s")
             for name, ms, calls in r.get('profile') or []:
                 print(f"  {r['model']} {r['mode']}: {ms:9.2f} ms {calls:6d}x  {name}")
+            if r.get('profile_kinds'):
+                print(f"  {r['model']} {r['mode']} by kind: {_kinds_line(r['profile_kinds'])}")
         sys.stdout.flush()
         by = {(r['model'], r['mode']): r for r in rows if 'error' not in r}
         for ours, peer in PEERS:

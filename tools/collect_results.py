@@ -5,7 +5,9 @@ Why: results live in three formats (classification `results.json`/`log.jsonl`, m
 test-time `results.json`); this tool reads all of them so a table in the README is one command away.
 
 Tables: ImageNet-1K Top-1 with params/FLOPs; COCO AP^b/AP^m per backbone, detector and schedule; ADE20K mIoU
-single-scale / multi-scale; sweep cells (work dirs written by tools/sweep.py) with their overrides.
+single-scale / multi-scale; sweep cells (work dirs written by tools/sweep.py) with their overrides. Each row's
+'Figure' column says which number it reports: the last epoch / validation of a training run (with the best one and,
+for classification, the EMA model's beside it), or the test of a named checkpoint (validate.py, tools/test.py).
 Multi-scale mIoU comes from `results_ms.json` or a sub-dir `results.json` with "tta": true (e.g.
 `tools/dist_test.sh CFG CKPT N --tta --work-dir WORK_DIR/ms`).
 A run is identified by its config name (overlock_{xt,t,s,b}.yaml, overlock_{t,s,b}_maskrcnn_{1x,3x}.py,
@@ -21,7 +23,7 @@ import json
 import re
 from pathlib import Path
 
-# Paper numbers (spec A.1, C.2, C.3). Cascade Mask R-CNN and multi-scale mIoU are not in the spec: shown as '-'.
+# Paper numbers (the authors' README). Cascade Mask R-CNN and multi-scale mIoU are not reproduced here: shown as '-'.
 PAPER_CLS = {'xt': (82.7, 16, 2.6), 't': (84.2, 33, 5.5), 's': (84.8, 56, 9.7), 'b': (85.1, 95, 16.7)}
 PAPER_DET = {('t', 'maskrcnn', '1x'): (48.3, 43.3), ('t', 'maskrcnn', '3x'): (49.6, 43.9),
              ('s', 'maskrcnn', '1x'): (49.4, 44.0), ('s', 'maskrcnn', '3x'): (51.0, 45.0),
@@ -92,6 +94,40 @@ def _last(rows, key):
     return vals[-1] if vals else None
 
 
+def _best(rows, key):
+    """(best value, its epoch/step) over the rows that have ``key``."""
+    vals = [(r[key], r.get('epoch', r.get('step'))) for r in rows if r.get(key) is not None]
+    return max(vals, key=lambda t: t[0]) if vals else (None, None)
+
+
+def _cls_figure(res, log):
+    """Which top-1 a classification row reports, and the run's other figures beside it."""
+    if res.get('checkpoint'):  # classification/validate.py
+        return f"{res.get('figure', 'checkpoint evaluation')}: {Path(res['checkpoint']).name}"
+    best = res.get('best') or {}
+    if res:
+        text = 'last epoch'
+        if best.get('top1', -1) >= 0:
+            text += f"; best {best['top1']:.1f} @ epoch {best['epoch']}"
+        if res.get('ema_top1') is not None:
+            text += f"; EMA last {res['ema_top1']:.1f}"
+            if best.get('ema_top1', -1) >= 0:
+                text += f", best {best['ema_top1']:.1f} @ epoch {best['ema_epoch']}"
+        return text
+    b, e = _best(log, 'top1')
+    return 'last logged epoch (unfinished run)' + (f'; best {b:.1f} @ epoch {e}' if b is not None else '')
+
+
+def _dense_figure(res, scalars, key, scale):
+    """Which AP / mIoU a det/seg row reports: a checkpoint's test, or the last validation of a training run."""
+    if res.get('checkpoint'):
+        return f"test of {Path(res['checkpoint']).name}"
+    if not scalars:
+        return '-'
+    b, step = _best(scalars, key)
+    return 'last validation' + (f'; best {scale * b:.1f} @ {step}' if b is not None else '')
+
+
 def _to_m(v):
     return None if v is None else (v / 1e6 if v > 1e4 else float(v))
 
@@ -149,7 +185,8 @@ def read_run(workdir):
     if task == 'cls':
         top1 = res.get('top1')
         if top1 is None and log:
-            top1 = max(max(r.get('top1') or 0, r.get('ema_top1') or 0) for r in log)
+            top1 = _last(log, 'top1')
+        rec['figure'] = _cls_figure(res, log)
         met.update(top1=top1, top5=res.get('top5', _last(log, 'top5')),
                    epochs=res.get('epochs', _last(log, 'epoch')))
         rec['params_m'] = _to_m(res.get('params'))
@@ -161,11 +198,13 @@ def read_run(workdir):
         if segm is None and _last(scalars, 'coco/segm_mAP') is not None:
             segm = 100 * _last(scalars, 'coco/segm_mAP')
         met.update(bbox_mAP=bbox, segm_mAP=segm)
+        rec['figure'] = _dense_figure(res, scalars, 'coco/bbox_mAP', 100)
     elif task == 'seg':
         ms = bool(res.get('aug_test') or res.get('tta') or res.get('mode') == 'ms')
         miou = res.get('mIoU', _last(scalars, 'mIoU'))  # mmseg logs percentages
         met.update(mIoU=None if ms else miou, mIoU_ms=res.get('mIoU_ms', res_ms.get('mIoU', miou if ms else None)),
                    aAcc=res.get('aAcc', _last(scalars, 'aAcc')))
+        rec['figure'] = _dense_figure(res, scalars, 'mIoU', 1)
     return rec
 
 
@@ -205,15 +244,15 @@ def build_tables(runs, complexity=None, paper_rows=True):
         params = r.get('params_m') or cx.get('params_m')
         flops = r.get('gflops') or cx.get('gflops')
         rows.append([VARIANT_NAMES.get(v, v or '?'), _f(r['metrics']['top1']), _f(p1), _d(r['metrics']['top1'], p1),
-                     _f(params), _f(pp, 0), _f(flops), _f(pf), r['work_dir']])
+                     _f(params), _f(pp, 0), _f(flops), _f(pf), r.get('figure', '-'), r['work_dir']])
     if paper_rows:
         for v, (p1, pp, pf) in PAPER_CLS.items():
             if v not in seen:
                 cx = complexity.get(v, {})
                 rows.append([VARIANT_NAMES[v], '-', _f(p1), '-', _f(cx.get('params_m')), _f(pp, 0),
-                             _f(cx.get('gflops')), _f(pf), ''])
+                             _f(cx.get('gflops')), _f(pf), '-', ''])
     t['cls'] = (['Model', 'Top-1', 'Top-1 (paper)', 'diff', 'Params (M)', 'Params (paper)', 'FLOPs (G)',
-                 'FLOPs (paper)', 'work dir'], rows)
+                 'FLOPs (paper)', 'Figure', 'work dir'], rows)
 
     rows, seen = [], set()
     for r in (r for r in main_runs if r['task'] == 'det'):
@@ -222,14 +261,14 @@ def build_tables(runs, complexity=None, paper_rows=True):
         pb, pm = PAPER_DET.get(key, (None, None))
         b, m = r['metrics']['bbox_mAP'], r['metrics']['segm_mAP']
         rows.append([VARIANT_NAMES.get(key[0], key[0] or '?'), _det_name(key[1]), key[2] or '-', _f(b), _f(pb),
-                     _d(b, pb), _f(m), _f(pm), _d(m, pm), r['work_dir']])
+                     _d(b, pb), _f(m), _f(pm), _d(m, pm), r.get('figure', '-'), r['work_dir']])
     if paper_rows:
         for key, (pb, pm) in PAPER_DET.items():
             if key not in seen:
                 rows.append([VARIANT_NAMES[key[0]], _det_name(key[1]), key[2], '-', _f(pb), '-', '-', _f(pm), '-',
-                             ''])
+                             '-', ''])
     t['det'] = (['Backbone', 'Detector', 'Schedule', 'AP^b', 'AP^b (paper)', 'diff', 'AP^m', 'AP^m (paper)',
-                 'diff', 'work dir'], rows)
+                 'diff', 'Figure', 'work dir'], rows)
 
     rows, seen = [], set()
     for r in (r for r in main_runs if r['task'] == 'seg'):
@@ -237,13 +276,14 @@ def build_tables(runs, complexity=None, paper_rows=True):
         seen.add(v)
         p = PAPER_SEG.get(v)
         ss, ms = r['metrics']['mIoU'], r['metrics']['mIoU_ms']
-        rows.append([VARIANT_NAMES.get(v, v or '?'), 'UperNet', _f(ss), _f(p), _d(ss, p), _f(ms), '-', r['work_dir']])
+        rows.append([VARIANT_NAMES.get(v, v or '?'), 'UperNet', _f(ss), _f(p), _d(ss, p), _f(ms), '-',
+                     r.get('figure', '-'), r['work_dir']])
     if paper_rows:
         for v, p in PAPER_SEG.items():
             if v not in seen:
-                rows.append([VARIANT_NAMES[v], 'UperNet', '-', _f(p), '-', '-', '-', ''])
+                rows.append([VARIANT_NAMES[v], 'UperNet', '-', _f(p), '-', '-', '-', '-', ''])
     t['seg'] = (['Backbone', 'Method', 'mIoU SS', 'mIoU SS (paper)', 'diff', 'mIoU MS', 'mIoU MS (paper)',
-                 'work dir'], rows)
+                 'Figure', 'work dir'], rows)
 
     rows = []
     for r in (r for r in runs if r['overrides'] is not None):
@@ -290,7 +330,8 @@ def load_complexity(path):
     """Map variant -> {params_m, gflops, ...} from `tools/complexity.py --json` ({"variants": [rows]}).
 
     params_m / gflops are the deploy (re-parameterised, no aux head) params and MACs, the paper's convention for
-    params; gflops_train and gflops_paper_conv (training form without the lk_origin convs, spec A.3) are kept too.
+    params; gflops_train and gflops_paper_conv (training form without the lk_origin convs, the paper's convention)
+    are kept too.
     Older/other layouts (a dict or list keyed by variant with params/flops fields) are accepted as well.
     """
     data = _load_json(path) if path else None

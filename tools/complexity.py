@@ -8,7 +8,7 @@ softmax and interpolation are not counted. Three columns:
   deploy   - the re-parameterised model (what inference runs), aggregation included;
   train    - the training form (all DilatedReparamBlock branches);
   paper    - the training form without the large-kernel ``lk_origin`` convs: the authors' counter did not see them
-             (they run through a custom iGEMM op), which is how the paper's 2.6/5.5/9.7/16.7 G arise (spec A.3).
+             (they run through a custom iGEMM op), which is how the paper's 2.6/5.5/9.7/16.7 G arise.
 Params: training form with the aux head, and deploy form without it (the paper's 16/33/56/95 M).
 
   python tools/complexity.py                       # the variant table at 224x224

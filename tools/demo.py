@@ -47,6 +47,9 @@ METRIC_NAMES = {'top1': 'Top-1 (%, last epoch)', 'top5': 'Top-5 (%)', 'bbox_mAP'
                 'aAcc': 'aAcc (%)'}
 SHAPES = make_demo_data.SHAPE_CLASSES
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200)]  # RGB per shape class
+SEG_CLASSES = make_demo_data.SEG_CLASSES  # label-map values 0..3, background first
+SEG_COLOURS = [(0, 0, 0)] + COLOURS  # RGB per segmentation class (configs/seg/demo_upernet.py's palette)
+IGNORE_COLOUR = (255, 255, 255)  # label 255 (ignored) and any value outside the classes
 
 
 def data_overrides(task, data):
@@ -244,7 +247,10 @@ def predict_det(config, ckpt, data, out_png, n=4, thr=0.3):
     import cv2
     import numpy as np
     from mmdet.apis import inference_detector, init_detector
-    model = init_detector(str(ROOT / config), str(ckpt), device='cpu')
+
+    from overlock_core.mm import mmengine_checkpoint_globals
+    with mmengine_checkpoint_globals():  # a Runner checkpoint, read with torch.load(weights_only=True)
+        model = init_detector(str(ROOT / config), str(ckpt), device='cpu')
     tiles = []
     for f in _val_images(data, 'det', n):
         img = cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB)
@@ -264,26 +270,46 @@ def predict_det(config, ckpt, data, out_png, n=4, thr=0.3):
     return _grid(tiles, out_png)
 
 
+def colour_labels(labels, colours=SEG_COLOURS):
+    """RGB picture of a label map: value i in ``colours[i]``, anything else (255 = ignored) in IGNORE_COLOUR."""
+    import numpy as np
+    lut = np.array(list(colours) + [IGNORE_COLOUR] * (256 - len(colours)), np.uint8)
+    return lut[np.clip(np.asarray(labels).astype(np.int64), 0, 255)]
+
+
 def predict_seg(config, ckpt, data, out_png, n=4):
-    """Image / ground truth / prediction overlays of the trained demo segmentor on a few val images (CPU)."""
+    """Image / ground truth / prediction of the trained demo segmentor on a few val images (CPU).
+
+    Ground truth and prediction use the same classes and colours (background included), so the picture shows what
+    the mIoU scores.
+    """
     import cv2
     import numpy as np
     from PIL import Image
     from mmseg.apis import inference_model, init_model
-    model = init_model(str(ROOT / config), str(ckpt), device='cpu')
-    lut = np.array([(0, 0, 0)] + COLOURS + [(0, 0, 0)] * 252, np.float32)  # label map values 0..3
+
+    from overlock_core.mm import mmengine_checkpoint_globals
+    with mmengine_checkpoint_globals():  # a Runner checkpoint, read with torch.load(weights_only=True)
+        model = init_model(str(ROOT / config), str(ckpt), device='cpu')
+    classes = tuple(model.dataset_meta['classes'])
+    if classes != SEG_CLASSES or model.decode_head.num_classes != len(SEG_CLASSES):
+        raise ValueError(f'{config} predicts {model.decode_head.num_classes} classes {classes}; the demo data has '
+                         f'{SEG_CLASSES} (label values 0..{len(SEG_CLASSES) - 1})')
     rows = []
     for f in _val_images(data, 'seg', n):
-        img = np.asarray(Image.open(f).convert('RGB'), np.float32)
+        img = np.asarray(Image.open(f).convert('RGB'), np.uint8)
         gt = np.asarray(Image.open(Path(data) / 'ade/annotations/validation' / f'{f.stem}.png'))
-        pred = inference_model(model, str(f)).pred_sem_seg.data[0].cpu().numpy() + 1  # classes 0..2 -> labels 1..3
-        panels = [img, lut[np.clip(gt, 0, 255)], lut[np.clip(pred, 0, 255)]]  # image, GT map, predicted map
-        rows.append(np.concatenate([p.clip(0, 255).astype(np.uint8) for p in panels], 1))
+        pred = inference_model(model, str(f)).pred_sem_seg.data[0].cpu().numpy()  # class index = label value
+        rows.append(np.concatenate([img, colour_labels(gt), colour_labels(pred)], 1))  # image, GT, prediction
     grid = np.concatenate([np.pad(r, ((0, 4), (0, 0), (0, 0)), constant_values=255) for r in rows], 0)
     grid = cv2.resize(grid, None, fx=1.5, fy=1.5, interpolation=cv2.INTER_NEAREST)
     legend = np.full((22, grid.shape[1], 3), 255, np.uint8)
-    for i, name in enumerate(SHAPES):
-        cv2.putText(legend, name, (8 + 90 * i, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, COLOURS[i], 2, cv2.LINE_AA)
+    x = 8
+    for name, colour in zip(SEG_CLASSES, SEG_COLOURS):
+        cv2.rectangle(legend, (x, 5), (x + 12, 17), colour, -1)
+        cv2.rectangle(legend, (x, 5), (x + 12, 17), (128, 128, 128), 1)
+        cv2.putText(legend, name, (x + 16, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        x += 24 + 9 * len(name)
     grid = np.concatenate([legend, grid], 0)
     Image.fromarray(grid).save(out_png)
     return out_png
@@ -304,7 +330,7 @@ def complexity_table(cx):
                      f'{f(c.get("gflops_train"), 2)} | {f(c.get("gflops_paper_conv"), 2)} | {pf} |')
     return '\n'.join(lines) + ('\n\nMACs at 224x224 from `tools/complexity.py` (FlopCounterMode + exact ContMix '
                                'aggregation). "Paper convention" leaves out the large-kernel `lk_origin` convs, '
-                               'which the authors\' counter did not see (spec A.3); deploy params exclude the aux '
+                               'which the authors\' counter did not see; deploy params exclude the aux '
                                'head, as the paper\'s do.\n')
 
 
@@ -338,8 +364,8 @@ def write_report(demo, work_dirs, cx, images, t_start):
             for t, p in pics:
                 md.append(f'**{t}**\n\n![{t} {key}]({Path(p).relative_to(out)})\n')
     if any(k == 'pred' and t == 'seg' for t, k in images):
-        md.append('Segmentation panels: image / ground truth / prediction (black = label 0). Label 0 is ignored in '
-                  'training (reduce_zero_label), so the model assigns one of the three shapes to every pixel.\n')
+        md.append('Segmentation panels: image / ground truth / prediction, in the legend\'s colours. Background '
+                  f'(black) is one of the {len(SEG_CLASSES)} classes the model predicts and the mIoU averages.\n')
     md += ['## Reproduce\n', '```', f'python tools/demo.py{" --quick" if demo.mode == "quick" else ""}',
            'python tools/collect_results.py work_dirs --out outputs/results', '```', '']
     (out / 'report.md').write_text('\n'.join(md))

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The GPU checks as one script, for a short lease on a lent machine: correctness first, then the figures.
-# Each step has its own time limit and a failed step does not stop the next; everything lands in $OUT
-# (log.txt and the benchmark JSON files). About 8 minutes on an H100.
+# The GPU checks as one script, to run in one go on a CUDA machine (e.g. H100/H200): correctness first, then the
+# figures. Each step has its own time limit (together under 10 minutes) and a failed step does not stop the next;
+# everything lands in $OUT (log.txt and the benchmark JSON files).
 #
 #   OUT=gpu_out bash tools/gpu_check.sh            # python3 with torch, triton and timm; no mmcv needed
+# Opt-in extra steps (each adds a few minutes; run them separately if your GPU time is limited):
+#   WITH_TRITON=1  the bf16 realistic figures again with the Triton depth-wise kernels forced on
+#   PROFILE=1      OverLoCK-T's dense training step profiled, per operator kind (depth-wise conv, conv, matmul, ...)
+#   COMPILE=1      both models through torch.compile
 set -u
 OUT=${OUT:-gpu_out}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+unset OVERLOCK_TRITON_DWCONV  # cuDNN unless a step asks for the Triton kernels
 LOG=$OUT/log.txt
 step() {
     local limit=$1 t0=$SECONDS
@@ -18,27 +23,31 @@ step() {
     echo "== rc ${PIPESTATUS[0]}, $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
-step 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
-step 60 "$PY" -c "import torch, triton, timm; print(torch.__version__, triton.__version__, timm.__version__)"
-# 1. correctness: the kernels against the definition, a CUDA training step three ways, the lean functions
+step 15 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+step 30 "$PY" -c "import torch, triton, timm; print(torch.__version__, triton.__version__, timm.__version__)"
+# 1. correctness: the Triton depth-wise kernels against cuDNN (forward, both gradients, fp32/fp16/bf16, both
+#    layouts, dispatch through dw_conv2d, a training step), then the aggregation kernels
 PYTEST_ARGS=(-q -p no:cacheprovider -ra)
 "$PY" -c "import xdist" 2>/dev/null && PYTEST_ARGS+=(-n 6)
-step 240 "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/test_triton.py tests/test_ops.py tests/test_lean.py
-# 2. the aggregation operator: Triton kernels, then the PyTorch formulation, each against the unfold formulation
-BENCH=("$PY" tools/benchmark.py --device cuda --warmup 3 --iters 10)
-step 120 "${BENCH[@]}" --ops --json "$OUT/ops_triton.json"
-OVERLOCK_TRITON=0 step 60 "${BENCH[@]}" --ops --op-shapes 'stage3@224 K13' 'stage3@800x1280 K13' \
-    --json "$OUT/ops_pytorch.json"
-# 3. models (a worker process takes ~15 s to start there): the settings (batch 8, fp32; also paired in one
-#    process) and a dense step
-step 180 "${BENCH[@]}" --repeats 1 --paired 20 --models overlock_t convnext_tiny --json "$OUT/models_224_b8.json"
-step 90 "${BENCH[@]}" --repeats 1 --batch 1 --size 800 1280 --modes train --backbone \
-    --models overlock_t convnext_tiny --json "$OUT/dense_800x1280.json"
-# 4. where a dense training step of OverLoCK-T spends its GPU time
-step 60 "${BENCH[@]}" --repeats 1 --batch 1 --size 800 1280 --modes train --backbone --models overlock_t \
-    --profile 25 --json "$OUT/profile_800x1280.json"
-# 5. with COMPILE=1: both models through torch.compile (compiling OverLoCK-T's training graph took 26 min on the
-#    2-core CPU; unmeasured on a GPU host, hence opt-in)
+step 150 "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/test_triton_depthwise.py -k cuda
+step 90 "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/test_triton.py
+# 2. the realistic figures: overlock_t vs convnext_tiny, fp16 and bf16 autocast, channels-last, AdamW steps:
+#    training and inference at 224 (batch 128) and a dense backbone training step at 800x1333 (batch 2)
+BENCH=("$PY" tools/benchmark.py --device cuda)
+step 190 "${BENCH[@]}" --realistic --repeats 1 --warmup 1 --iters 3 --json "$OUT/realistic.json"
+# 3. every depth-wise conv shape of OverLoCK-T at those inputs, cuDNN against Triton: the triton_dwconv.MEASURED
+#    entries (the kernels are compiled first in parallel processes)
+step 110 "${BENCH[@]}" --ops dwconv --warmup 2 --iters 5 --json "$OUT/dwconv_ops.json"
+# 4. opt-in: the bf16 figures with the Triton depth-wise kernels forced on; where a dense step's time goes;
+#    torch.compile
+if [ "${WITH_TRITON:-0}" = 1 ]; then
+    OVERLOCK_TRITON_DWCONV=1 step 150 "${BENCH[@]}" --realistic --precisions bf16 --repeats 1 --warmup 1 --iters 3 \
+        --json "$OUT/realistic_triton_bf16.json"
+fi
+if [ "${PROFILE:-0}" = 1 ]; then
+    step 90 "${BENCH[@]}" --repeats 1 --warmup 1 --iters 3 --batch 2 --size 800 1333 --modes train --backbone \
+        --dtype bf16 --channels-last --models overlock_t --profile 25 --json "$OUT/profile_800x1333.json"
+fi
 if [ "${COMPILE:-0}" = 1 ]; then
     step 540 "${BENCH[@]}" --repeats 1 --compile --models overlock_t convnext_tiny --json "$OUT/models_224_b8_compiled.json"
 fi

@@ -11,7 +11,7 @@ byte-identical files. Layout (see the contract):
     OUT/cls/{train,val}/<class>/*.png                              ImageFolder, 4 classes, 64x64
     OUT/coco/{train,val}/*.png + OUT/coco/annotations/instances_{train,val}.json   polygons, 128x128
     OUT/ade/images/{training,validation}/*.jpg + OUT/ade/annotations/{training,validation}/*.png
-                                                                  0 = background (ignored), 1..3 = classes
+                                                  label value = index in SEG_CLASSES: 0 = background, 1..3 = shapes
 Usage: python tools/make_demo_data.py --out demo_data [--seed 0]
 """
 import argparse
@@ -26,6 +26,9 @@ from PIL import Image
 
 CLS_CLASSES = ('circle', 'square', 'triangle', 'stripes')
 SHAPE_CLASSES = ('circle', 'square', 'triangle')  # COCO category ids 1..3, ADE labels 1..3
+# Segmentation classes, in label-map order. Background is a class of its own, trained and scored like the shapes,
+# so the demo's mIoU and its prediction picture describe the same thing (no pixel is left out of either).
+SEG_CLASSES = ('background',) + SHAPE_CLASSES
 
 
 # Each class has a colour family (jittered): shape is the main cue, colour a loose second one, so the tiny demo
@@ -99,7 +102,7 @@ def _scene(rng, size=128):
         k = int(rng.integers(0, len(SHAPE_CLASSES)))
         poly = _shape_polygon(rng, SHAPE_CLASSES[k], cx, cy, r)
         cv2.fillPoly(img, [poly], _class_colour(rng, k).tolist())
-        cv2.fillPoly(label, [poly], k + 1)
+        cv2.fillPoly(label, [poly], k + 1)  # SEG_CLASSES index (0 = background)
         objs.append((k, poly))
     return img.astype(np.uint8), label, objs
 
@@ -168,7 +171,8 @@ def main(argv=None):
     make_coco(out, args.seed, *args.coco)
     make_ade(out, args.seed, *args.ade)
     (out / 'meta.json').write_text(json.dumps(dict(seed=args.seed, cls_classes=CLS_CLASSES,
-                                                   shape_classes=SHAPE_CLASSES, cls=args.cls, coco=args.coco,
+                                                   shape_classes=SHAPE_CLASSES, seg_classes=SEG_CLASSES,
+                                                   cls=args.cls, coco=args.coco,
                                                    ade=args.ade), indent=1))
     print(f'[make_demo_data] wrote {out}/{{cls,coco,ade}} (seed {args.seed}) in {time.time() - t0:.1f}s')
     return 0

@@ -24,6 +24,7 @@ from mmengine.dist import is_main_process  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from overlock_core.mm import install_runner_patches  # noqa: E402
 from overlock_core.mm.data import check_datasets  # noqa: E402
 from overlock_core.mm.runner_utils import shutdown_distributed  # noqa: E402
 from overlock_core.mm.runner_utils import (import_task, merge_cfg_options, prepare_work_dir,  # noqa: E402
@@ -108,6 +109,7 @@ def main(argv=None):
     cfg = build_cfg(args)
     check_datasets(cfg, ('test_dataloader',))  # bad annotations or missing files: a one-line error before any work
     task = task_of(cfg)
+    install_runner_patches()  # the checkpoint loads under torch's weights_only loading
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     if args.out is not None and task == 'det':
         from mmdet.evaluation import DumpDetResults

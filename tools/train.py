@@ -12,6 +12,9 @@ registries. Flags are the union of mmdet's and mmseg's ``tools/train.py``.
 
 SyncBN: ``sync_bn='torch'`` in the config (used when distributed on GPUs). Gradient checkpointing:
 ``--cfg-options model.backbone.with_cp=True``.
+
+Before building the Runner it calls ``overlock_core.mm.install_runner_patches()`` (atomic checkpoint writes, the
+``weights_only`` allow-list for mmengine checkpoints); a launcher of your own should do the same.
 """
 import argparse
 import os
@@ -25,6 +28,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from overlock_core.mm import install_runner_patches  # noqa: E402
 from overlock_core.mm.data import check_datasets, use_safe_image_loading  # noqa: E402
 from overlock_core.mm.runner_utils import shutdown_distributed  # noqa: E402
 from overlock_core.mm.runner_utils import (import_task, merge_cfg_options, prepare_work_dir,  # noqa: E402
@@ -100,6 +104,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = build_cfg(args)
     check_datasets(cfg, ('train_dataloader', 'val_dataloader'))  # bad annotations/files: one line, before any work
+    install_runner_patches()  # atomic checkpoint writes; --resume under torch's weights_only loading
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()
     shutdown_distributed()

@@ -1,4 +1,4 @@
-# Mask R-CNN + OverLoCK-S, 1x (12 epochs), batch 16 = 8 GPUs x 2; AdamW 2e-4, drop path 0.4 (overlock_facts.md C.2)
+# Mask R-CNN + OverLoCK-S, 1x (12 epochs), batch 16 = 8 GPUs x 2; AdamW 2e-4, drop path 0.4, the authors' recipe
 _base_ = ['./overlock_t_maskrcnn_1x.py']
 
 pretrained = 'pretrained/overlock_s_in1k_224.pth'

@@ -1,11 +1,11 @@
-# Mask R-CNN + OverLoCK-T, 1x schedule (12 epochs), COCO 2017 -- the authors' recipe (overlock_facts.md C.2)
+# Mask R-CNN + OverLoCK-T, 1x schedule (12 epochs), COCO 2017 -- the authors' recipe
 # on mmdet 3.3.0. Everything not stated here comes from the installed mmdet's config (RPN/RoI heads, assigners,
 # samplers, RoIAlign 7/14, 1000 proposals, score_thr 0.05, 100 dets, mask thr 0.5, 1333x800 train/test resize,
 # flip 0.5, CocoMetric bbox+segm).
 # Batch 16 = 8 GPUs x 2 images:  bash tools/dist_train.sh configs/det/overlock_t_maskrcnn_1x.py 8
 _base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py']
 
-custom_imports = dict(imports=['overlock_core.mm', 'detection'], allow_failed_imports=False)
+custom_imports = dict(imports=['overlock_core.mm'], allow_failed_imports=False)
 
 # ImageNet-1K checkpoint (ours from classification/train.py, or the authors' overlock_t_in1k_224.pth)
 pretrained = 'pretrained/overlock_t_in1k_224.pth'
@@ -28,15 +28,15 @@ model = dict(
 # BN -> SyncBN when launched distributed (the Runner converts; single-process runs keep BN)
 sync_bn = 'torch'
 
-# AdamW 2e-4, wd 0.05; the no-decay policy of overlock_core.mm.optim (biases, norms, layer scales, GRN, rpb).
-# paramwise_cfg=dict(official=True) reproduces the authors' groups exactly (only 'norm'-named LNs undecayed).
-# fp32 by default; `tools/train.py --amp` switches to AmpOptimWrapper (dynamic loss scale).
+# AdamW 2e-4, wd 0.05, the authors' decay groups (official=True: only 'norm'-named LayerNorms undecayed; BN, rpb,
+# layer scales and GRN decayed). official=False is the extended no-decay policy of overlock_core.mm.optim (biases,
+# norms, layer scales, GRN, rpb), a deviation. fp32, as the authors; `tools/train.py --amp`: AmpOptimWrapper.
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
     constructor='OverLoCKOptimWrapperConstructor',
     optimizer=dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=0.05),
-    paramwise_cfg=dict(official=False))
+    paramwise_cfg=dict(official=True))
 
 max_epochs = 12
 train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=1)

@@ -1,5 +1,5 @@
 # Mask R-CNN + OverLoCK-T, 3x schedule (36 epochs) with multi-scale training and the DETR-style AutoAugment crop
-# policy (overlock_facts.md C.2): flip 0.5, then one of (a) short side in {480, 512, ..., 800}, long side <= 1333,
+# policy of the authors' config: flip 0.5, then one of (a) short side in {480, 512, ..., 800}, long side <= 1333,
 # or (b) short side {400, 500, 600} -> random crop 384-600 (absolute range) -> (a). AdamW lr 1e-4, wd 0.05.
 # Batch 16 = 8 GPUs x 2. Test: single scale 1333x800 (inherited).
 _base_ = ['./overlock_t_maskrcnn_1x.py']

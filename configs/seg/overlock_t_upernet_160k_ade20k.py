@@ -1,4 +1,4 @@
-# UperNet + OverLoCK-T, ADE20K, 512x512 crops, 160k iterations -- the authors' recipe (overlock_facts.md C.3)
+# UperNet + OverLoCK-T, ADE20K, 512x512 crops, 160k iterations -- the authors' recipe
 # on mmseg 1.2.2. Inherited from the installed mmseg config: UPerHead (512 ch, pool scales 1/2/3/6, dropout 0.1,
 # SyncBN), auxiliary FCNHead on the stride-16 map (in_index=2, 256 ch, 1 conv, loss weight 0.4), 150 classes,
 # the train pipeline (random rescale of 2048x512 by 0.5-2.0, 512x512 crop with cat_max_ratio 0.75, flip,
@@ -29,14 +29,14 @@ model = dict(
 
 sync_bn = 'torch'
 
-# AdamW 6e-5, wd 0.01, no grad clip; no-decay policy of overlock_core.mm.optim
-# (paramwise_cfg=dict(official=True): the authors' groups, only 'norm'-named LNs undecayed).
+# AdamW 6e-5, wd 0.01, no grad clip; the authors' decay groups (official=True: only 'norm'-named LayerNorms
+# undecayed). official=False: the extended no-decay policy of overlock_core.mm.optim (a deviation).
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
     constructor='OverLoCKOptimWrapperConstructor',
     optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
-    paramwise_cfg=dict(official=False),
+    paramwise_cfg=dict(official=True),
     clip_grad=None)
 
 max_iters = 160000

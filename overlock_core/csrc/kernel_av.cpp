@@ -1,7 +1,7 @@
 // ContMix's dynamic aggregation (ops/neighborhood.py, kernel_av) on the CPU as one fused pass per pixel: the
 // kernel's logits q_p . kw + bias_p, their softmax over the K*K window slots and the weighted sum of the clamped
 // window's values run while the pixel's row of the kernel is in registers and L1, and the backward recomputes the
-// kernel the same way. The PyTorch formulation runs ~50 small operators on 2 MB tensors per call instead; exact to
+// kernel the same way (the PyTorch formulation instead runs dozens of small operators on full-size tensors); exact to
 // it up to the order of the sums (float64 tests). Threads take (image, head) slices (heads in the backward, whose
 // bias gradient is shared by the images); the values of a slice are transposed to (H*W, c) so a window tap is one
 // contiguous vector of c channels.

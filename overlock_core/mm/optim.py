@@ -2,19 +2,19 @@
 
 Two policies, chosen with ``paramwise_cfg=dict(official=...)``:
 
-``official=False`` (default, recommended)
+``official=True`` (default: the authors' recipe)
+    The authors' mmdet 2.x / mmseg 0.x fine-tuning groups, exactly: the stock default constructor with
+    ``custom_keys={'absolute_pos_embed', 'relative_position_bias_table', 'norm'} -> decay_mult 0``. Those are
+    substring matches on the parameter name, so in OverLoCK they only catch the LayerNorms named ``norm1``/``norm2``
+    and ``extra_norm``; BN weights, biases, ``rpb`` tables, layer scales and GRN are decayed. One param group per
+    parameter, as in mmcv's constructor.
+
+``official=False`` (opt-in deviation)
     No weight decay for every parameter that is not a weight matrix/kernel: all biases, all normalisation
     parameters (BatchNorm/SyncBN, LayerNorm, LayerNorm2d, GroupNorm, ...), GRN ``gamma``/``beta``, the layer
     scales (``ls``, ``ls1``, ``ls2``, ``x_scale``, ``h_scale`` and the det-only ``h_proj.1``), the ContMix
     relative position-bias tables ``rpb1``/``rpb2``, and anything the backbone lists in ``no_weight_decay()``.
-    This is the rule timm uses for ImageNet training (``filter_bias_and_bn``), applied consistently.
-
-``official=True``
-    Reproduces the authors' mmdet 2.x / mmseg 0.x fine-tuning groups exactly: the stock default constructor
-    with ``custom_keys={'absolute_pos_embed', 'relative_position_bias_table', 'norm'} -> decay_mult 0``.
-    Those are substring matches on the parameter name, so in OverLoCK they only catch the LayerNorms named
-    ``norm1``/``norm2`` and ``extra_norm``; BN weights, biases, ``rpb`` tables, layer scales and GRN are decayed
-    (overlock_facts.md E.10). One param group per parameter, as in mmcv's constructor.
+    timm's rule for 1-d parameters, extended to these and applied consistently.
 
 Both accept mmengine's ``custom_keys`` (``lr_mult`` / ``decay_mult`` by longest matching substring), applied on
 top of the policy. Registered in ``mmengine.registry.OPTIM_WRAPPER_CONSTRUCTORS`` so mmdet and mmseg configs
@@ -88,14 +88,14 @@ class OverLoCKOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
     Args:
         optim_wrapper_cfg: as for :class:`DefaultOptimWrapperConstructor`.
-        paramwise_cfg: ``official`` (bool, default False) selects the authors' groups; ``custom_keys``
+        paramwise_cfg: ``official`` (bool, default True) selects the authors' groups, False the extended policy; ``custom_keys``
             (mmengine semantics) is applied on top; ``no_decay_keys`` (tuple of substrings) adds name patterns
             exempt from decay (ours only).
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None):
         paramwise_cfg = dict(paramwise_cfg or {})
-        self.official = bool(paramwise_cfg.get('official', False))
+        self.official = bool(paramwise_cfg.get('official', True))
         paramwise_cfg['official'] = self.official  # never empty: the stock __call__ skips add_params otherwise
         self.no_decay_keys: Tuple[str, ...] = tuple(paramwise_cfg.pop('no_decay_keys', ()))
         if self.official:

@@ -33,7 +33,7 @@ def task_of(cfg: Config) -> str:
 
 def import_task(cfg: Config) -> None:
     """Import the toolbox of the config's scope (registers its modules) and our adapter."""
-    import overlock_core.mm  # noqa: F401  (backbone, optimizer constructor, safe-load allow-list)
+    import overlock_core.mm  # noqa: F401  registers the backbone and the optimizer constructor
     if task_of(cfg) == 'det':
         import mmdet  # noqa: F401
         try:

@@ -5,8 +5,9 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d
+from timm.layers import DropPath, LayerNorm2d, register_notrace_function, register_notrace_module
 
+from ..export import plain_forward, plain_ops_active
 from ..ops import (bn_act, bn_branch_sum, conv_mlp, dense_dilated, dilate_and_pad, dw_bn_act_conv, dw_conv2d,
                    gated_bn_conv, grn, image_groups, kernel_av)
 from ..ops.recompute import _format
@@ -27,7 +28,10 @@ DRB_BRANCHES: Dict[int, Tuple[Tuple[int, int], ...]] = {
 
 def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """fresh + other, in place when that keeps the result's dtype (``fresh`` must be a new tensor no autograd node
-    saved): one full-size allocation less per residual; under autocast a bf16 branch plus an fp32 stream stays fp32."""
+    saved): one full-size allocation less per residual; under autocast a bf16 branch plus an fp32 stream stays fp32.
+    Traced or exported, a plain add (the same values)."""
+    if plain_forward():
+        return fresh + other
     if torch.promote_types(fresh.dtype, other.dtype) == fresh.dtype:
         return fresh.add_(other)
     return fresh + other
@@ -37,12 +41,15 @@ class Lean:
     """Mixin: ``lean`` (default True; ``OverLoCK.set_lean``) runs the module's training form through the recomputing
     functions of ``ops.recompute`` (about 2x less activation memory, a few % more compute; 'max' also recomputes
     the MLPs' first 1x1 conv instead of keeping its output). They apply while gradients are recorded and the model
-    is not being compiled (the compiler plans its own recomputation)."""
+    is not being compiled (the compiler plans its own recomputation) nor traced or exported (``plain_forward``: the
+    plain modules compute the same values)."""
     lean: Union[bool, str] = True
 
     def recompute(self) -> Union[bool, str]:
         """The lean level in effect now (True, 'max'), or False."""
-        return self.lean if torch.is_grad_enabled() and not torch.compiler.is_compiling() else False
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or plain_forward():
+            return False
+        return self.lean
 
 
 def plain_bn(bn: nn.Module) -> bool:
@@ -116,7 +123,9 @@ def mlp(seq: Sequence[nn.Module], x: torch.Tensor, lean: Union[bool, str],
     if not lean or act.approximate != 'none':
         def chain(t: torch.Tensor) -> torch.Tensor:
             return conv2(norm(dw(act(conv1(t if se is None else se(t))))))
-        groups = [slice(None)] if torch.is_grad_enabled() else image_groups(x, conv1.out_channels)
+        # traced or exported: one group (image_groups branches on the device and map size)
+        whole = torch.is_grad_enabled() or plain_forward()
+        groups = [slice(None)] if whole else image_groups(x, conv1.out_channels)
         return chain(x) if len(groups) == 1 else torch.cat([chain(x[s]) for s in groups])
     residual = torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64)
     wdw = dw.weight if residual else dw.weight + dw.centre
@@ -128,16 +137,23 @@ def layer_norm(dim: int) -> nn.Module:
     return LayerNorm2d(dim, eps=1e-6)
 
 
+@register_notrace_module  # torch.fx: a leaf (dw_conv2d branches on device, layout and size)
 class DWConv2d(nn.Conv2d):
     """Depth-wise 'same' conv (a plain nn.Conv2d in the state_dict) that runs through ``dw_conv2d``, whose CPU
-    backward is many times faster than PyTorch's for the large kernels used here."""
+    backward is many times faster than PyTorch's for the large kernels used here; ``F.conv2d`` while exported
+    (``plain_ops_active``)."""
 
     def __init__(self, dim: int, kernel_size: int, dilation: int = 1, bias: bool = True):
         super().__init__(dim, dim, kernel_size, padding=dilation * (kernel_size - 1) // 2, dilation=dilation,
                          groups=dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dw_conv2d(x, self.weight, self.bias, self.dilation[0])
+        return self._dw(x, self.weight)
+
+    def _dw(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if plain_ops_active():
+            return F.conv2d(x, weight, self.bias, padding=self.padding, dilation=self.dilation, groups=self.groups)
+        return dw_conv2d(x, weight, self.bias, self.dilation[0])
 
 
 class ResDWConv(DWConv2d):
@@ -156,7 +172,7 @@ class ResDWConv(DWConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64):
             return add_into(super().forward(x), x)
-        return dw_conv2d(x, self.weight + self.centre, self.bias, self.dilation[0])
+        return self._dw(x, self.weight + self.centre)
 
 
 class LayerScale(nn.Module):
@@ -171,6 +187,7 @@ class LayerScale(nn.Module):
         return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
 
 
+@register_notrace_module  # torch.fx: a leaf (``grn`` is an autograd function)
 class GRN(nn.Module):
     """ConvNeXt-V2 global response norm. The L2 norm is computed in fp32: in fp16 the sum of squares over a large
     map overflows, which is what made the authors' AMP runs produce NaN losses."""
@@ -361,6 +378,44 @@ def contmix_size(h: int, w: int, kernel_size: int) -> Tuple[int, int]:
     return (kernel_size, int(kernel_size / h * w)) if h < w else (int(kernel_size / w * h), kernel_size)
 
 
+@register_notrace_function  # torch.fx: a leaf (the rule branches on the map size)
+def contmix_fit(f: torch.Tensor, zn: torch.Tensor, kernel_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """f and zn resized (bilinear) to ``contmix_size``; unchanged when they already fit a K x K window."""
+    size = contmix_size(f.shape[-2], f.shape[-1], kernel_size)
+    if size == tuple(f.shape[-2:]):
+        return f, zn
+    return (F.interpolate(f, size=size, mode='bilinear', align_corners=False),
+            F.interpolate(zn, size=size, mode='bilinear', align_corners=False))
+
+
+@register_notrace_function  # torch.fx: a leaf (branches on the map size)
+def contmix_unfit(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """out pooled back to the map size of ``like`` (the map before ``contmix_fit``) if that resized it."""
+    if out.shape[-2:] == like.shape[-2:]:
+        return out
+    return F.adaptive_avg_pool2d(out, like.shape[-2:])
+
+
+@register_notrace_function  # torch.fx: a leaf (``kernel_av`` is an autograd function; dtype arithmetic)
+def contmix_av(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor, value: torch.Tensor,
+               kernel_size: int) -> torch.Tensor:
+    """``kernel_av`` with the bias terms in >= fp32: the bias and the softmax run there (fp16 overflows)."""
+    acc = torch.promote_types(value.dtype, torch.float32)
+    return kernel_av(q, kw, rpb.to(acc), pb.to(acc), value, kernel_size)
+
+
+@register_notrace_function  # torch.fx: a leaf (item assignment)
+def join_channels(like: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[a, b] along the channels, written into a map laid out like ``like`` (torch.cat would make it NCHW, and the
+    block's later CPU kernels are slower on maps of mixed layouts); torch.cat while exported."""
+    if plain_ops_active():
+        return torch.cat([a, b], dim=1)
+    out = torch.empty_like(like)
+    out[:, :a.shape[1]] = a
+    out[:, a.shape[1]:] = b
+    return out
+
+
 class _ChannelSplit(torch.autograd.Function):
     """x (B, C, H, W) -> x[:, :k], x[:, k:] (made contiguous when asked: ContMix's value maps), whose gradient comes
     back as one map in x's memory layout. Autograd's slice backward would build it NCHW (zero-filled, then added),
@@ -382,7 +437,11 @@ class _ChannelSplit(torch.autograd.Function):
 
 
 def split_channels(x: torch.Tensor, k: int, contiguous: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x[:, :k], x[:, k:]) with the gradient assembled in x's layout (see ``_ChannelSplit``)."""
+    """(x[:, :k], x[:, k:]) with the gradient assembled in x's layout (see ``_ChannelSplit``); plain slices while
+    traced or exported."""
+    if plain_forward():
+        a, b = x[:, :k], x[:, k:]
+        return (a.contiguous(), b.contiguous()) if contiguous else (a, b)
     return _ChannelSplit.apply(x, k, contiguous)
 
 
@@ -447,15 +506,12 @@ class DynamicConvBlock(InferenceFold, Lean, nn.Module):
 
     def contmix(self, f: torch.Tensor, zn: torch.Tensor) -> torch.Tensor:
         """Dynamic aggregation of f (B, C, H, W) guided by the normalised [feature, context] map zn."""
-        b, c, h, w = f.shape
+        b, c = f.shape[:2]
         ks, sk, g = self.kernel_size, self.smk_size, self.num_heads
         if self.mixer == 'static':
             return self.static_conv(f)
-        size = contmix_size(h, w, ks)
-        resized = size != (h, w)
-        if resized:
-            f = F.interpolate(f, size=size, mode='bilinear', align_corners=False)
-            zn = F.interpolate(zn, size=size, mode='bilinear', align_corners=False)
+        f0 = f
+        f, zn = contmix_fit(f, zn, ks)  # the small-map rule (``contmix_size``)
         hh, ww = f.shape[-2:]
         head_dim = c // (2 * g)
         query = (self.weight_query(zn[:, :self.dim]) * self.scale).reshape(b, g, head_dim, hh * ww)
@@ -464,26 +520,19 @@ class DynamicConvBlock(InferenceFold, Lean, nn.Module):
         # one matmul per kernel and no (B*G, 49, H, W) affinity map
         proj_w = self.weight_proj.weight.reshape(-1, self.num_centres)
         proj_b = self.weight_proj.bias
-        acc = torch.promote_types(f.dtype, torch.float32)  # bias and softmax in >= fp32 (fp16 overflows otherwise)
 
         def aggregate(rows: slice, rpb: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
             # logits laid out (B, G, HW, k*k): the softmax runs over the contiguous last dim; the kernel itself is
             # recomputed in the backward, not kept (``kernel_av``)
             kw = torch.matmul(key, proj_w[rows].t())  # (B, G, d, k*k)
             value = value.reshape(b * g, head_dim, hh, ww)
-            return kernel_av(query.mT, kw, rpb.to(acc), proj_b[rows].to(acc), value, k)
+            return contmix_av(query.transpose(-2, -1), kw, rpb, proj_b[rows], value, k)
 
         v_small, v_large = split_channels(f, c // 2, contiguous=True)
         out_small = aggregate(slice(0, sk * sk), self.rpb1, v_small, sk)
         out_large = aggregate(slice(sk * sk, None), self.rpb2, v_large, ks)
-        # the two halves written into a map laid out like f (torch.cat would make it NCHW: the block's later maps
-        # in mixed layouts made a Focus block ~8% slower on the CPU)
-        out = torch.empty_like(f)
-        out[:, :c // 2] = out_small.reshape(b, c // 2, hh, ww)
-        out[:, c // 2:] = out_large.reshape(b, c // 2, hh, ww)
-        if resized:
-            out = F.adaptive_avg_pool2d(out, (h, w))
-        return out
+        out = join_channels(f, out_small.reshape(b, c // 2, hh, ww), out_large.reshape(b, c // 2, hh, ww))
+        return contmix_unfit(out, f0)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_ref: torch.Tensor):
         if not self.is_first:

@@ -1,8 +1,8 @@
 """OverLoCK: An Overview-first-Look-Closely-next ConvNet with Context-Mixing Dynamic Kernels.
 
 Meng Lou and Yizhou Yu, CVPR 2025 (arXiv:2502.20087). Original code: https://github.com/LMMMEng/OverLoCK.
-Written from the specification in this project (not copied); parameter names follow the authors' state_dict so their
-released checkpoints load unchanged.
+Written from the paper and the authors' released model's structure (not copied); parameter names follow the authors'
+state_dict so their released checkpoints load unchanged.
 
 Data flow: Base-Net (stem, stages 1-3) -> X (stride 16); Overview-Net (stage 4) -> O (stride 32); context prior
 P0 = high_level_proj(O); Focus-Net stage 3 refines X guided by P0 resized to stride 16, ``patch_embedx`` down-samples
@@ -19,19 +19,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models._features import FeatureGetterNet, feature_take_indices
 
 from .layers import (Chain, ContextDownsample, DilatedReparamBlock, DynamicConvBlock, FoldingSequential, GRN,
                      LayerScale, Lean, RepConvBlock, layer_norm)
 
-_NO_DECAY = re.compile(r'(^|\.)(rpb1|rpb2|gamma|beta)$|(^|\.)(ls|ls1|ls2|x_scale|h_scale)\.weight$'
-                       r'|^h_proj\.1\.weight$')
+# The extended no-decay policy (opt-in): the >1-d parameters that are not kernels (layer scales, GRN gamma/beta,
+# relative position tables); timm's rule already exempts 1-d tensors and biases.
+_EXTENDED_NO_DECAY = re.compile(r'(^|\.)(rpb1|rpb2|gamma|beta)$|(^|\.)(ls|ls1|ls2|x_scale|h_scale)\.weight$'
+                                r'|(^|\.)h_proj\.1\.weight$')
 
-__all__ = ['OverLoCK', 'ARCHS', 'get_arch', 'dense_channels']
+__all__ = ['OverLoCK', 'ARCHS', 'get_arch', 'dense_channels', 'extended_no_weight_decay']
 
-# The variant table (spec A.1). ``test`` is a CPU-sized variant for tests and the demo.
+# The variant table (the authors' factory functions). ``test`` is a CPU-sized variant for tests and the demo.
 ARCHS: Dict[str, Dict[str, Any]] = {
     'xt': dict(depths=(2, 2, 3, 2), sub_depths=(6, 2), dims=(56, 112, 256, 336), sub_num_heads=(4, 6)),
     't': dict(depths=(4, 4, 6, 2), sub_depths=(12, 2), dims=(64, 128, 256, 512), sub_num_heads=(4, 8)),
@@ -59,6 +61,12 @@ def get_arch(arch: Union[str, Dict[str, Any]], **overrides) -> Dict[str, Any]:
     return cfg
 
 
+def extended_no_weight_decay(model: nn.Module) -> set:
+    """Names of the parameters the extended (opt-in) policy also exempts from weight decay: layer scales, GRN
+    gamma/beta and the rpb tables, which the authors' timm training decayed. Works on wrapped models too."""
+    return {n for n, _ in model.named_parameters() if _EXTENDED_NO_DECAY.search(n)}
+
+
 def dense_channels(arch: Union[str, Dict[str, Any]]) -> List[int]:
     """Channels of the four dense maps (strides 4/8/16/32)."""
     cfg = get_arch(arch)
@@ -74,6 +82,22 @@ def _stem(in_chans: int, dim: int) -> nn.Sequential:
         nn.Conv2d(half, half, 3, 1, 1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
         nn.Conv2d(half, dim, 3, 2, 1, bias=False), nn.BatchNorm2d(dim), nn.GELU(),
         nn.Conv2d(dim, dim, 3, 1, 1, bias=False), nn.BatchNorm2d(dim))
+
+
+def _nchw_on_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == 'cpu' and not x.is_contiguous(memory_format=torch.channels_last)
+
+
+@register_notrace_function  # torch.fx: a leaf (branches on device and layout)
+def stem_layout(x: torch.Tensor) -> torch.Tensor:
+    """The stem's input channels-last on the CPU (``OverLoCK._stem``)."""
+    return x.contiguous(memory_format=torch.channels_last) if _nchw_on_cpu(x) else x
+
+
+@register_notrace_function  # torch.fx: a leaf (branches on device and layout)
+def stem_layout_back(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The stem's output in the layout of its input x."""
+    return y.contiguous() if _nchw_on_cpu(x) else y
 
 
 def _downsample(in_dim: int, out_dim: int) -> nn.Sequential:
@@ -109,8 +133,7 @@ class OverLoCK(nn.Module):
         super().__init__()
         if dense not in (None, 'det', 'seg'):
             raise ValueError(f"dense must be None, 'det' or 'seg', got {dense!r}")
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"OverLoCK pools by average only, got global_pool={global_pool!r}")
+        self._pool(global_pool)  # validates
         cfg = get_arch(arch, **arch_overrides)
         self.arch_cfg = cfg
         depths, sub_depths, dims = cfg['depths'], cfg['sub_depths'], cfg['dims']
@@ -120,6 +143,7 @@ class OverLoCK(nn.Module):
         ctx_dim = dims[3] // 4
         self.dims, self.ctx_dim, self.dense, self.use_context = tuple(dims), ctx_dim, dense, use_context
         self.num_classes, self.drop_rate, self.grad_checkpointing = num_classes, drop_rate, grad_checkpointing
+        self.global_pool = global_pool
         self.num_features = dims[3] + ctx_dim
         self.head_hidden_size = cfg['projection']
         self.out_indices = tuple(out_indices)
@@ -149,7 +173,7 @@ class OverLoCK(nn.Module):
         if dense is None:
             self.head = FoldingSequential(
                 nn.Conv2d(self.num_features, cfg['projection'], 1, bias=False), nn.BatchNorm2d(cfg['projection']),
-                nn.SiLU(), nn.AdaptiveAvgPool2d(1), self._classifier(cfg['projection'], num_classes))
+                nn.SiLU(), self._pool(global_pool), self._classifier(cfg['projection'], num_classes))
             if aux_head:
                 self.aux_head = nn.Sequential(nn.BatchNorm2d(dims[3]), nn.AdaptiveAvgPool2d(1),
                                               self._classifier(dims[3], num_classes))
@@ -169,6 +193,12 @@ class OverLoCK(nn.Module):
     @staticmethod
     def _classifier(in_dim: int, num_classes: int) -> nn.Module:
         return nn.Conv2d(in_dim, num_classes, 1) if num_classes > 0 else nn.Identity()
+
+    @staticmethod
+    def _pool(global_pool: str) -> nn.Module:
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"OverLoCK pools by average ('avg') or not at all (''), got global_pool={global_pool!r}")
+        return nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity()
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -210,18 +240,23 @@ class OverLoCK(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        """Parameters exempt from weight decay: timm exempts 1-d tensors and biases by itself; layer scales, GRN
-        gamma/beta and relative position tables are >1-d, so they are named here."""
-        return {n for n, _ in self.named_parameters() if _NO_DECAY.search(n)}
+        """None beyond timm's own rule (1-d tensors and biases), as in the authors' training: their model has no
+        ``no_weight_decay``, so layer scales, GRN gamma/beta and the rpb tables are decayed. The opt-in extended
+        policy exempts those too: ``extended_no_weight_decay(model)``."""
+        return set()
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head[4] if self.head is not None else nn.Identity()
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier (``num_classes`` 0: none); ``global_pool=''`` leaves the projected map unpooled."""
         if self.head is None:
-            raise RuntimeError('a dense (det/seg) OverLoCK has no classifier')
+            raise RuntimeError('this OverLoCK has no classifier (a dense det/seg form, or its head was pruned)')
         self.num_classes = num_classes
+        if global_pool is not None:
+            self.head[3] = self._pool(global_pool)
+            self.global_pool = global_pool
         dev = self.head[0].weight.device
         self.head[4] = self._classifier(self.head_hidden_size, num_classes).to(dev)
         if self.aux_head is not None:
@@ -254,19 +289,29 @@ class OverLoCK(nn.Module):
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         """On the CPU the stem's dense 3x3 convs run channels-last (oneDNN's backward there is up to 2x faster;
         the whole stem fwd+bwd 12% faster at 224, conversions included); its output is handed on in x's layout."""
-        if x.device.type != 'cpu' or x.is_contiguous(memory_format=torch.channels_last):
-            return self.patch_embed1(x)
-        return self.patch_embed1(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return stem_layout_back(self.patch_embed1(stem_layout(x)), x)
 
-    def _forward_all(self, x: torch.Tensor, last: int = 3) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
-        """Run the network; returns the dense maps up to index ``last`` and the Overview-Net output O."""
+    def _forward_all(self, x: torch.Tensor, last: int = 3, norm: bool = False
+                     ) -> Tuple[List[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+        """Run the network; returns the four maps up to index ``last``, the last of them before any output norm (the
+        Focus-Net's F when ``last`` is 3) and the Overview-Net output O (None if not reached).
+
+        The dense forms follow the authors' detection/segmentation copies: stage 3 receives the normalised stage-2
+        map ``extra_norm[1](stage-2 output)``, which is also their output 1; the classifier passes the raw map on.
+        ``norm`` (dense forms only) returns the maps through their output LayerNorms (``h_proj`` added to map 3)."""
+        norm = norm and self.extra_norm is not None
         maps = []
         x = self._stage(self.blocks1, self._stem(x))
-        maps.append(x)
+        maps.append(self.extra_norm[0](x) if norm else x)
         x = self._stage(self.blocks2, self.patch_embed2(x))
-        maps.append(x)
+        if self.extra_norm is not None:  # the dense data flow: LN(stage 2) is output 1 and stage 3's input
+            normed = self.extra_norm[1](x)
+            maps.append(normed if norm else x)
+            x = normed
+        else:
+            maps.append(x)
         if last < 2:
-            return maps, None
+            return maps, x, None
         x = self._stage(self.blocks3, self.patch_embed3(x))
         overview = self._stage(self.blocks4, self.patch_embed4(x))
         if self.use_context:
@@ -277,45 +322,42 @@ class OverLoCK(nn.Module):
         ctx = ctx_ref
         for blk in self.sub_blocks3:
             x, ctx = self._run(blk, x, ctx, ctx_ref)
-        maps.append(torch.cat([x, ctx], dim=1))
+        y = torch.cat([x, ctx], dim=1)
+        maps.append(self.extra_norm[2](y) if norm else y)
         if last < 3:
-            return maps, overview
+            return maps, y, overview
         x, ctx = self.patch_embedx(x, ctx)
         for blk in self.sub_blocks4:
             out = self._run(blk, x, ctx, ctx_prior)
             x, ctx = (out, None) if blk.is_last else out
-        maps.append(x)
-        return maps, overview
+        if norm:
+            y = self.extra_norm[3](x)
+            maps.append(y + self.h_proj(self.extra_norm[4](overview)) if self.h_proj is not None else y)
+        else:
+            maps.append(x)
+        return maps, x, overview
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
                               intermediates_only: bool = False):
         """timm's feature API. The four maps are stage 1, stage 2, Focus stage 3 ([feature, context]) and the final
-        Focus map F. ``norm`` applies the dense form's LayerNorms (and, for 'det', adds ``h_proj`` of the Overview-Net
-        output to the last map)."""
+        Focus map F. ``norm`` applies the dense form's output LayerNorms (and, for 'det', adds ``h_proj`` of the
+        Overview-Net output to the last map); the final features returned beside them are never normalised."""
         if output_fmt != 'NCHW':
             raise ValueError('OverLoCK only produces NCHW features')
         take, max_index = feature_take_indices(4, indices)
-        maps, overview = self._forward_all(x, last=max_index if stop_early else 3)
-        inter = []
-        for i in take:
-            y = maps[i]
-            if norm and self.extra_norm is not None:
-                y = self.extra_norm[i](y)
-                if i == 3 and self.h_proj is not None:
-                    y = y + self.h_proj(self.extra_norm[4](overview))
-            inter.append(y)
-        if intermediates_only:
-            return inter
-        return maps[-1], inter
+        last = max_index if stop_early else 3
+        maps, final, _ = self._forward_all(x, last=last, norm=norm)
+        inter = [maps[i] for i in take]
+        return inter if intermediates_only else (final, inter)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         """The Focus-Net needs the whole Base- and Overview-Net, so only the heads can be pruned."""
         take, _ = feature_take_indices(4, indices)
-        if prune_head and self.head is not None:
-            self.reset_classifier(0)
-            self.aux_head = None
+        if prune_head:
+            self.head = self.aux_head = None
+            self.num_classes = 0
         return take
 
     def forward_dense(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -327,19 +369,23 @@ class OverLoCK(nn.Module):
         return tuple(m.contiguous() for m in maps)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward_all(x)[0][-1]
+        return self._forward_all(x)[1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head[:4](x)
+        """Projection (1x1 conv, BN, SiLU) before pooling, as the authors' head; unpooled when ``global_pool=''``."""
+        for layer in self.head[:4]:  # one by one: torch.fx cannot trace the sliced Sequential (not a submodule)
+            x = layer(x)
         if self.drop_rate > 0:
             x = F.dropout(x, self.drop_rate, self.training)
-        return x.flatten(1) if pre_logits else self.head[4](x).flatten(1)
+        if not pre_logits:
+            x = self.head[4](x)
+        return x.flatten(1) if self.global_pool else x
 
     def forward(self, x: torch.Tensor):
         if self.dense is not None:
             return self.forward_dense(x)
-        maps, overview = self._forward_all(x)
-        logits = self.forward_head(maps[-1])
+        _, final, overview = self._forward_all(x)
+        logits = self.forward_head(final)
         if self.aux_head is not None and self.training:
             return logits, self.aux_head(overview).flatten(1)
         return logits
@@ -353,31 +399,39 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: OverLoCK) -
 
 
 # Dense backbones train at detection/segmentation sizes, where activation memory binds: their MLPs keep no hidden
-# map (identical results, ~5% more time). At 800x1280 this takes the backbone's peak from ~1.5x ConvNeXt-T's
-# to ~1.35x (tools/benchmark.py --backbone).
+# map either (identical results, a little more time; docs/performance.md has the figures).
 DENSE_LEAN = 'max'
 
 
 def _create_overlock(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
+    """timm's builder, with weights from a local file only and ``features_only`` through ``forward_intermediates``.
+
+    ``features_only=True`` gives the classifier's network and data flow (the ImageNet model as trained, raw stage
+    outputs); add ``dense='det'`` or ``'seg'`` (and ``norm=True`` for the output LayerNorms) for the authors'
+    detection/segmentation network."""
     overlay = kwargs.get('pretrained_cfg_overlay') or {}
     file = overlay.get('file') or overlay.get('state_dict')
-    features_only = kwargs.pop('features_only', False)
-    if features_only:
-        kwargs.setdefault('lean', DENSE_LEAN)
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    feature_kwargs = {k: kwargs.pop(k) for k in ('feature_cls', 'output_fmt') if k in kwargs}
     if pretrained and not file:
         raise ValueError(f'{variant}: no weights can be downloaded here; pass '
                          f'pretrained_cfg_overlay=dict(file=PATH) with a local checkpoint')
+    features_only = kwargs.get('features_only', False)
+    feature_cfg = dict(out_indices=(0, 1, 2, 3), feature_cls='getter')
+    if features_only:
+        feature_cls = kwargs.pop('feature_cls', 'getter')
+        if not (feature_cls == 'getter' or isinstance(feature_cls, type) and issubclass(feature_cls, FeatureGetterNet)):
+            raise ValueError(f"{variant}: features_only supports feature_cls='getter' (forward_intermediates), got "
+                             f"{feature_cls!r}: the Focus-Net runs beside the Base-Net, so the model is no chain of "
+                             f"stages to hook or flatten")
+        feature_cfg['feature_cls'] = feature_cls
+        feature_cfg.update({k: kwargs.pop(k) for k in ('output_fmt', 'norm') if k in kwargs})
+        kwargs.setdefault('lean', DENSE_LEAN)
     # Weights are loaded by our safe loader (weights_only, key adaptation, clear mismatch report), not timm's.
-    model = build_model_with_cfg(OverLoCK, variant, pretrained=False, **kwargs)
+    model = build_model_with_cfg(OverLoCK, variant, pretrained=False, feature_cfg=feature_cfg, **kwargs)
     if pretrained:
         from ..checkpoint import load_weights
-        load_weights(model, file, strict=False, allow_new_classifier=True)
-    if features_only:
-        from timm.models._features import FeatureGetterNet
-        model.prune_intermediate_layers(out_indices, prune_head=True)
-        model = FeatureGetterNet(model, out_indices=out_indices, **feature_kwargs)
+        net = model.model if features_only else model
+        load_weights(net, file, strict=False, allow_new_classifier=True,
+                     allow_missing=(r'^extra_norm\.', r'^h_proj\.') if net.dense else ())
     return model
 
 

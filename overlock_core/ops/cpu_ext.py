@@ -1,7 +1,7 @@
 """The fused CPU kernels of ``overlock_core/csrc`` (ContMix's ``kernel_av``), built on first use with torch's C++
-extension tools and cached per machine, so later processes load them in well under a second.
+extension tools and cached per machine, so later processes only load them.
 
-The build (~30 s) happens once per source version, torch version and CPU (the code is compiled for the CPU it runs
+The build happens once per source version, torch version and CPU (the code is compiled for the CPU it runs
 on, so a cache shared by different nodes keeps one build per kind of CPU) in ``$OVERLOCK_CACHE/ext`` (default
 ``~/.cache/overlock/ext``); ``make setup`` does it up front (``build``).
 ``OVERLOCK_CPU_EXT=0`` switches the kernels off. Without a C++ compiler, or if the build fails, the PyTorch
@@ -81,7 +81,7 @@ def load(verbose: bool = False) -> Optional[object]:
 
 def build() -> bool:
     """Build (or find) the kernels now and say so: ``make setup`` calls this, so the first training step does not
-    pay the ~30 s build."""
+    pay for the build."""
     ok = enabled() and load() is not None
     print(f'[setup] fused CPU kernels: {"ready" if ok else "not built (ContMix runs its PyTorch formulation)"}')
     return ok

@@ -1,8 +1,8 @@
 """Depth-wise 'same' convolution with a fast CPU backward.
 
 PyTorch's CPU backward for depth-wise convolutions is the bottleneck of OverLoCK training on a CPU: the weight
-gradient of a 9x9 to 17x17 depth-wise kernel costs 10-40x its forward, dilated input gradients 10-100x, and
-oneDNN's forward itself falls off its fast path for kernels wider than 13 in NCHW layout. ``dw_conv2d`` keeps the
+gradient of a 9x9 to 17x17 depth-wise kernel and the input gradient of a dilated one cost many times the forward,
+and oneDNN's forward itself falls off its fast path for kernels wider than 13 in NCHW layout. ``dw_conv2d`` keeps the
 result and computes both gradients with forward-style operations:
 
 * forward and input gradient (a depth-wise convolution of the output gradient with the flipped kernel) in
@@ -18,12 +18,13 @@ result and computes both gradients with forward-style operations:
   branches) in frequency space on maps larger than 16x16 with enough work per transform (``SpectralGrads.use``;
   3x3 branches on maps up to 32x32 stay per branch, ``takes``): the input's transform is shared by every branch,
   each branch adds one transform of its output gradient, and one inverse transform gives the summed input
-  gradient. On the 56x56 and 28x28 maps of a 224 input this is 1.5-2.4x faster than the per-branch methods above.
+  gradient. On the 56x56 and 28x28 maps of a 224 input this beats the per-branch methods above.
 
-The thresholds come from timing every shape OverLoCK meets on a 2-core x86 CPU (oneDNN); they only pick between
-exact methods. On other devices, and for plain 3x3 kernels, ``dw_conv2d`` is ``F.conv2d``. Under ``torch.compile``
-the graph calls the custom operators ``overlock::dw_conv2d`` and ``overlock::dw_conv2d_backward`` (the same methods,
-opaque to the compiler).
+The thresholds come from timing every shape OverLoCK meets on a 2-core x86 CPU (oneDNN; see docs/performance.md);
+they only pick between exact methods. On other devices, and for plain 3x3 kernels, ``dw_conv2d`` is ``F.conv2d``;
+on CUDA the fused Triton kernels of ``triton_dwconv`` run instead where ``triton_dwconv.use_triton`` says so
+(cuDNN unless measured slower or switched off). Under ``torch.compile`` the graph calls the custom operators
+``overlock::dw_conv2d`` and ``overlock::dw_conv2d_backward`` (the same methods, opaque to the compiler).
 """
 from typing import Optional, Sequence, Tuple
 
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from . import triton_dwconv
 from .grn import _channels_last, _laid_out_like
 
 __all__ = ['SpectralGrads', 'autocast_args', 'dense_dilated', 'dilate_and_pad', 'dw_conv2d', 'dw_conv2d_backward',
@@ -40,8 +42,8 @@ LARGE_KERNEL = 9  # from this many taps on the weight gradient is computed by us
 SMALL_MAP = 16 * 16  # at most this many pixels and ...
 SMALL_MAP_MAX_K = 13  # ... at most this many taps: grouped-conv weight gradient (wider kernels hit a slow path)
 NHWC_SPAN = 14  # kernels spanning this many pixels or more run channels-last
-DILATED_PAD = 6  # oneDNN's dilated depth-wise kernels leave their fast path from padding 7 on (7-15x slower)
-WIDEN = {13: 15}  # channels-last: oneDNN runs 13x13 depth-wise kernels 2.1-2.5x slower than them padded to 15x15
+DILATED_PAD = 6  # oneDNN's dilated depth-wise kernels leave their fast path from padding 7 on
+WIDEN = {13: 15}  # channels-last: oneDNN runs 13x13 depth-wise kernels slower than the same kernels padded to 15x15
 SPECTRAL_TAPS = 15  # SpectralGrads.use: the taps per transform from which frequency space pays (measured at 1-8 images)
 SPECTRAL_MAP = 64 * 64  # ... and the map size from which it always does
 SPATIAL_3X3_MAP = 32 * 32  # SpectralGrads.takes: 3x3 branches on maps up to this size stay out of frequency space
@@ -69,13 +71,18 @@ def _layout(x: torch.Tensor, kernel_size: int, dilation: int, cache: Optional[di
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int) -> torch.Tensor:
     k = weight.shape[-1]
+    # CUDA, Triton: only where no autograd graph and no autocast would miss the kernel (autograd functions' bodies)
+    if x.is_cuda and triton_dwconv.use_triton(x, k, dilation) and not torch.is_autocast_enabled('cuda') \
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) \
+            and x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype):
+        return triton_dwconv.dwconv_forward(x, weight, bias, dilation)
     # not while a dispatch mode watches (FlopCounterMode, tracers): they should see the model's own kernel
     if dilation == 1 and k in WIDEN and x.device.type == 'cpu' and _channels_last(x) \
             and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None:
         weight = F.pad(weight, ((WIDEN[k] - k) // 2,) * 4)  # zero taps around: the same convolution
     pad = dilation * (weight.shape[-1] - 1) // 2
     if dilation > 1 and pad > DILATED_PAD and x.device.type == 'cpu':  # e.g. 3x3 with dilation 7 (K=15, 17, 19)
-        x, pad = F.pad(x, (pad - DILATED_PAD,) * 4), DILATED_PAD  # the extra zeros up front: 0.47 vs 3.3 ms at 56x56
+        x, pad = F.pad(x, (pad - DILATED_PAD,) * 4), DILATED_PAD  # the extra zeros up front: keeps the fast path
     return F.conv2d(x, weight, bias, padding=pad, dilation=dilation, groups=weight.shape[0])
 
 
@@ -119,8 +126,7 @@ def _smooth(n: int) -> int:
 
 def _irfft2(spec: torch.Tensor, size: Tuple[int, int], crop: Optional[Sequence[int]] = None) -> torch.Tensor:
     """torch.fft.irfft2(spec, s=size)[..., :crop[0], :crop[1]] (contiguous) in chunks of ``IRFFT_BYTES`` of spectrum:
-    MKL's inverse of a large batch is cache-bound here, 1.2-2.7x slower at once than in chunks ((64, 216, 181) at
-    800x1280; (8, 64, 64, 33) at 224 in some runs)."""
+    MKL's inverse of a large batch at once is cache-bound, slower than in chunks."""
     h, w = crop if crop is not None else size
     out = spec.new_empty(*spec.shape[:-2], h, w, dtype=spec.real.dtype)
     flat, maps = spec.reshape(-1, *spec.shape[-2:]), out.view(-1, h, w)
@@ -170,10 +176,9 @@ class SpectralGrads:
     def use(x: torch.Tensor, kernel_sizes: Sequence[int]) -> bool:
         """Whether it beats the per-branch methods for branches of ``kernel_sizes`` on x: a CPU map over 16x16 and
         enough work per transform. The per-branch cost grows with images x taps; the spectral one is
-        (n + 2) x B map-sized transforms plus 2n channel-sized ones (kernels and kernel gradients), which batch 1
-        does not amortise: a 13x13 block at 50x80 (800x1280 stage 3) ran 89 ms per branch against 103 in frequency
-        space at batch 1, 192 against 179 at batch 2; 7x7 (stage 4) was faster per branch at batches 1-8. Maps over
-        64x64 gain from it anyway (13x13 at 100x160, batch 1: 445 against 360 ms)."""
+        (n + 2) x B map-sized transforms plus 2n channel-sized ones (kernels and kernel gradients), which small
+        batches do not amortise for small kernels (e.g. stage 3-4 blocks at batch 1); maps over 64x64 gain from it
+        anyway."""
         b, (h, w) = x.shape[0], x.shape[-2:]
         if x.device.type != 'cpu' or h * w <= SMALL_MAP:
             return False
@@ -182,7 +187,7 @@ class SpectralGrads:
 
     def takes(self, kernel_size: int) -> bool:
         """Whether a branch of this kernel size is cheaper here than through ``dw_conv2d_backward``: all but 3x3
-        kernels on maps up to 32x32 (stage 2 at 224: 2.0 against 4.0 ms per dilated 3x3 branch at batch 8)."""
+        kernels on maps up to 32x32 (e.g. stage 2 at 224), where the per-branch 3x3 gradients are cheaper."""
         return kernel_size > 3 or self.shape[-2] * self.shape[-1] > SPATIAL_3X3_MAP
 
     def add(self, weight: torch.Tensor, dilation: int, grad: torch.Tensor, mask: Tuple[bool, bool]):
@@ -223,6 +228,8 @@ def dw_conv2d_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
     d, k = dilation, weight.shape[-1]
     pad = [d * (k - 1) // 2] * 2
     if x.device.type != 'cpu' or (k <= 3 and d == 1):
+        if x.is_cuda and triton_dwconv.use_triton(x, k, d):
+            return triton_dwconv.dwconv_backward(x, weight, grad, d, mask)
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad, x, weight, None, [1, 1], pad, [d, d], False, [0, 0], weight.shape[0], [mask[0], mask[1], False])
         return grad_x, grad_w
@@ -261,8 +268,8 @@ class _DepthwiseConv(torch.autograd.Function):
 def dense_dilated(weight: torch.Tensor, dilation: int, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """(kernel, dilation) to run with gradients recorded on x: on maps up to 16x16 a dilated kernel of 9 taps or
     more as the dense kernel with zeros between its taps (differentiable; gradients reach the taps), whose gradients
-    are faster there (9x9 with dilation 2 at 14x14: 8.5 vs 15 ms fwd+bwd); on larger maps as it is, with the
-    padding done up front (``DILATED_PAD``): 2.6x faster than the dense 17x17 form at 56x56 and 200x320."""
+    are faster there; on larger maps as it is, with the padding done up front (``DILATED_PAD``), which beats the
+    dense form there."""
     if dilation > 1 and weight.shape[-1] >= LARGE_KERNEL and x.shape[-2] * x.shape[-1] <= SMALL_MAP:
         return dilate_and_pad(weight, dilation, dilation * (weight.shape[-1] - 1) + 1), 1
     return weight, dilation
@@ -280,6 +287,8 @@ def dw_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
               dilation: int = 1) -> torch.Tensor:
     """Depth-wise convolution, stride 1, 'same' padding d * (K - 1) / 2, odd square kernel (C, 1, K, K)."""
     if x.device.type != 'cpu' or (weight.shape[-1] <= 3 and dilation == 1):  # PyTorch's own is fast for 3x3
+        if x.is_cuda and triton_dwconv.use_triton(x, weight.shape[-1], dilation):
+            return triton_dwconv.depthwise_conv2d(x, weight, bias, dilation)
         return _conv(x, weight, bias, dilation)
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
         return _conv(_layout(x, weight.shape[-1], dilation), weight, bias, dilation)
@@ -292,7 +301,7 @@ def dw_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
 
 
 # The same function as custom operators for torch.compile. Traced, _DepthwiseConv would become aten's depth-wise
-# backward (10-100x slower on the CPU for the large kernels) and its data-pointer tests would break the graph.
+# backward (much slower on the CPU for the large kernels) and its data-pointer tests would break the graph.
 @torch.library.custom_op('overlock::dw_conv2d', mutates_args=())
 def _dw_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   dilation: int) -> torch.Tensor:

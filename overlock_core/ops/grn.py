@@ -9,7 +9,9 @@ from typing import Tuple
 
 import torch
 
-__all__ = ['grn', 'grn_backward', 'grn_forward', 'grn_scale']
+from ..export import plain_ops_active
+
+__all__ = ['grn', 'grn_backward', 'grn_forward', 'grn_plain', 'grn_scale']
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
@@ -94,9 +96,17 @@ class _GRN(torch.autograd.Function):
         return *grn_backward(g, *ctx.saved_tensors), None
 
 
+def grn_plain(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``grn`` in standard operators (no autograd function, no layout-dependent path): the export form."""
+    gx = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), keepdim=True, dtype=_acc(x))
+    scale = grn_scale(gamma, gx, gx.mean(dim=1, keepdim=True) + eps).to(x.dtype)
+    return torch.addcmul(beta.to(x.dtype), x, scale)
+
+
 def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Global response norm of x (N, C, H, W) with gamma, beta (1, C, 1, 1)."""
+    """Global response norm of x (N, C, H, W) with gamma, beta (1, C, 1, 1); ``grn_plain`` while exported."""
+    fn = grn_plain if plain_ops_active() else _GRN.apply
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
-            return _GRN.apply(x, gamma, beta, eps)
-    return _GRN.apply(x, gamma, beta, eps)
+            return fn(x, gamma, beta, eps)
+    return fn(x, gamma, beta, eps)

@@ -29,11 +29,13 @@ from typing import Callable, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..export import plain_ops_active
 from . import cpu_ext, triton_av
 from .dwconv import autocast_args
 from .grn import _laid_out_like
 
-__all__ = ['kernel_av', 'na2d_av', 'na2d_av_reference', 'na2d_av_unfold', 'rpb_bias', 'window_starts']
+__all__ = ['kernel_av', 'kernel_av_plain', 'na2d_av', 'na2d_av_reference', 'na2d_av_unfold', 'rpb_bias',
+           'window_starts']
 
 
 def window_starts(length: int, kernel_size: int, device=None) -> torch.Tensor:
@@ -407,9 +409,40 @@ def kernel_av(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Te
     dev = value.device.type
     q, kw = autocast_args(dev, q, kw)
     with torch.autocast(dev, enabled=False):
+        if plain_ops_active():  # exported or traced: standard operators only
+            return kernel_av_plain(q, kw, rpb, pb, value, kernel_size)
         if torch.compiler.is_compiling():
             return torch.ops.overlock.kernel_av(q, kw, rpb, pb, value, kernel_size)
         return _KernelAV.apply(q, kw, rpb, pb, value, kernel_size)
+
+
+def _plain_windows(length, kernel_size: int, device) -> torch.Tensor:
+    """``_window_indices`` in tensor operators on a possibly symbolic length (no cache, no size test)."""
+    start = (torch.arange(length, device=device) - kernel_size // 2).clamp(0, length - kernel_size)
+    return start[None, :] + torch.arange(kernel_size, device=device)[:, None]
+
+
+def kernel_av_plain(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor, value: torch.Tensor,
+                    kernel_size: int) -> torch.Tensor:
+    """``kernel_av`` in standard operators, for export: the soft-maxed kernel formed, the clamped windows gathered
+    one window row at a time (index_select; transient memory N*c*H*W*K) and summed. Index tensors come from the
+    map size at run time, so graphs export with dynamic image size."""
+    n, c, h, w = value.shape
+    k = kernel_size
+    rows, cols = _plain_windows(h, k, value.device), _plain_windows(w, k, value.device)  # (K, H), (K, W)
+    ar_h, ar_w = torch.arange(h, device=value.device), torch.arange(w, device=value.device)
+    flat = ((rows - ar_h + k - 1).t()[:, None, :, None] * (2 * k - 1)
+            + (cols - ar_w + k - 1).t()[None, :, None, :])  # (H, W, K, K) table index (``rpb_bias``)
+    heads = rpb.shape[0]
+    bias = rpb.reshape(heads, -1).index_select(1, flat.reshape(-1)).reshape(heads, h * w, k * k) + pb
+    kernel = (torch.matmul(q, kw).to(bias.dtype) + bias).softmax(dim=-1).to(value.dtype)  # (B, G, HW, K*K)
+    kernel = kernel.reshape(n, h, w, k, k)
+    out = None
+    for a in range(k):
+        win = value.index_select(2, rows[a]).index_select(3, cols.reshape(-1)).reshape(n, c, h, k, w)
+        part = (win * kernel[:, None, :, :, a, :].permute(0, 1, 2, 4, 3)).sum(3)  # (N, c, H, W)
+        out = part if out is None else out + part
+    return out
 
 
 def _check(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:

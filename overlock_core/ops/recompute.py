@@ -2,7 +2,7 @@
 
 Autograd saves one map per op: a DilatedReparamBlock keeps the input of each of its 7-8 branch BatchNorms, and the
 MLP chain (1x1 conv, GELU, x + DW3x3, GRN, 1x1 conv) four hidden-width maps. Those made OverLoCK-T's training
-memory about 3x ConvNeXt-T's. Here the backward recomputes them from what is kept:
+memory several times ConvNeXt-T's. Here the backward recomputes them from what is kept:
 
 * ``bn_branch_sum``: sum_i BN_i(dwconv_i(x)) in training mode keeps x and the batch statistics (and on maps up to
   16x16 the first branch's output, ``KEEP_FIRST``); the backward re-runs each other branch convolution (a forward
@@ -50,7 +50,7 @@ def _scratch(buffers: dict, like: torch.Tensor) -> torch.Tensor:
 
 
 # On maps up to 16x16 (stage 3 at 224) the first branch's output, the K x K conv's, is kept rather than recomputed:
-# 1.7 of the ~3 ms the recomputation costs a block at batch 8, for 1.6 MB a block
+# it is the larger part of the recomputation's cost there, and small to keep
 KEEP_FIRST = SMALL_MAP
 
 
@@ -65,8 +65,7 @@ class _BranchSum(torch.autograd.Function):
             u = u.to(dtype)
         # sum_i gamma_i (z_i - mean_i) invstd_i + beta_i = sum_i s_i z_i + sum_i (beta_i - s_i mean_i), s_i = gamma_i
         # invstd_i: each branch output is read for its statistics and once more for a multiply-add into the sum (in
-        # at least fp32), with no normalised copy written and read again (the seven stage-1 branches' normalisation
-        # and sum 10.6 -> 4.0 ms alone; a stage-1 block's training step 1.3% faster in the model)
+        # at least fp32), with no normalised copy written and read again (fewer passes through memory)
         out, shift, stats, layouts, kept = None, 0, [], {}, None
         for w, d, (rm, rv, momentum, eps), gamma, beta in zip(weights, dilations, bn_args, gammas, betas):
             z = _conv(_layout(u, w.shape[-1], d, layouts), w, None, d)
@@ -321,7 +320,7 @@ def _format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _nhwc(fn, *maps: torch.Tensor) -> torch.Tensor:
-    """fn of channels-last maps through their contiguous NHWC views: PyTorch's CPU GELU and its backward are 25-30%
+    """fn of channels-last maps through their contiguous NHWC views: PyTorch's CPU GELU and its backward are
     faster there than on the 4-d channels-last tensors (in fp32 they round differently, by ~1 ulp)."""
     if not all(_channels_last(m) for m in maps):
         return fn(*maps)
@@ -333,12 +332,10 @@ CHAIN_BYTES = 8 << 20  # CPU: images go through the MLP chain in groups whose hi
 
 def image_groups(x: torch.Tensor, hidden: int) -> List[slice]:
     """Slices of the batch that the MLP chain runs one after another on the CPU (``conv_mlp`` in training, the
-    plain modules without autograd). Its hidden maps are bandwidth-bound there: a 25 MiB stage-1 map (batch 8 at
-    224) costs ~2.5 ms per pass through memory and a training step makes ~20 passes. In groups of <=
-    ``CHAIN_BYTES`` they stay in cache (stage-1 chain fwd+bwd 84-110 -> 65 ms; inference of OverLoCK-T at 224
-    3-8% faster in fresh processes, 10% alternating in one). Everything but the parameter gradients is per image
-    (GRN normalises each image), so the result is the same up to the order in which the parameter gradients are
-    summed. One group elsewhere, and when one image alone is larger."""
+    plain modules without autograd). Its hidden maps are bandwidth-bound there and a training step passes through
+    them many times; in groups of <= ``CHAIN_BYTES`` they stay in cache (see docs/performance.md). Everything but
+    the parameter gradients is per image (GRN normalises each image), so the result is the same up to the order in
+    which the parameter gradients are summed. One group elsewhere, and when one image alone is larger."""
     n = x.shape[0]
     per = hidden * x.shape[-2] * x.shape[-1] * x.element_size()
     groups = -(-n * per // CHAIN_BYTES)
@@ -374,8 +371,8 @@ class _ConvMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, w1, b1, wdw, bdw, gamma, beta, w2, b2, residual, eps, keep_hidden):
         ctx.fmt_in = _format(x)
-        # on the CPU the chain runs channels-last (oneDNN: fwd+bwd 5-10% faster at 224, 1.7x on 200x320 maps,
-        # conversions of the narrow input and output included); the hidden maps follow x's layout
+        # on the CPU the chain runs channels-last (oneDNN is faster there, even counting the conversions of the
+        # narrow input and output); the hidden maps follow x's layout
         fmt = torch.channels_last if x.device.type == 'cpu' else ctx.fmt_in
         x = x.contiguous(memory_format=fmt)
         groups = image_groups(x, w1.shape[0])

@@ -1,0 +1,222 @@
+"""The fused Triton depth-wise convolution: checked on the CPU through Triton's interpreter (so CI runs the kernels
+without a GPU), against cuDNN on CUDA when a GPU is present, and its dispatch rule (cuDNN unless measured or
+switched on)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from overlock_core.ops import triton_dwconv
+from triton_marks import OLD_INTERPRETER, needs_cuda, needs_triton
+
+
+# Run in a fresh interpreter: TRITON_INTERPRET must be set before the kernels are defined. Small shapes (the
+# interpreter runs each program's tap loop in Python); the reference is F.conv2d and its autograd.
+INTERPRETED = textwrap.dedent('''
+    import sys
+    import torch
+    import torch.nn.functional as F
+    from overlock_core.ops import triton_dwconv as T
+    assert T.available(torch.zeros(1))
+    torch.manual_seed(0)
+    CL = torch.channels_last
+    D, S = torch.float64, torch.float32
+    # n, c, h, w, kernel, dilation, layout, dtype, bias: non-square maps, maps several tiles wide, maps smaller
+    # than the (dilated) kernel, a strided view
+    CASES = [(2, 3, 9, 11, 3, 1, 'nchw', D, True), (2, 4, 7, 12, 5, 2, 'cl', S, False),
+             (1, 5, 10, 8, 7, 3, 'nchw', D, False), (1, 3, 6, 9, 13, 1, 'cl', D, True),
+             (1, 2, 5, 19, 17, 1, 'nchw', S, True), (2, 3, 12, 10, 3, 5, 'cl', D, False),
+             (1, 3, 9, 7, 5, 1, 'view', D, False)]
+    for n, c, h, w, k, d, layout, dtype, with_bias in CASES:
+        x = torch.randn(n, c, h, w + (layout == 'view'), dtype=dtype)
+        x = x[..., 1:] if layout == 'view' else x.contiguous(memory_format=CL) if layout == 'cl' else x
+        weight = torch.randn(c, 1, k, k, dtype=dtype)
+        bias = torch.randn(c, dtype=dtype) if with_bias else None
+        leaves = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
+        out = T.depthwise_conv2d(x, weight, bias, d)
+        assert out.dtype == dtype and out.shape == x.shape
+        assert out.is_contiguous(memory_format=CL) == (layout == 'cl'), 'output not in the input layout'
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, leaves, g)
+        ref = F.conv2d(x, weight, bias, padding=d * (k - 1) // 2, dilation=d, groups=c)
+        want = torch.autograd.grad(ref, leaves, g)
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == D else dict(rtol=1e-5, atol=1e-5)
+        for a, b in zip((out,) + got, (ref,) + want):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, **tol)
+        # the three entry points on their own, one gradient asked for
+        gx, gw = T.dwconv_backward(x.detach(), weight.detach(), g, d, (True, False))
+        assert gw is None
+        torch.testing.assert_close(gx, want[0], **tol)
+        print('ok', n, c, h, w, k, d, layout, dtype, file=sys.stderr)
+    # half precisions: inputs rounded once, accumulation in fp32 (checked against fp32 on the rounded inputs)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(2, 4, 6, 9).to(dtype).contiguous(memory_format=CL)
+        weight = (torch.randn(4, 1, 7, 7) / 7).to(dtype)
+        out = T.dwconv_forward(x, weight, None, 2)
+        g = torch.randn_like(out)
+        gx = T.dwconv_input_grad(g, weight, 2)
+        gw = T.dwconv_weight_grad(x, g, 7, 2, dtype=torch.float32)
+        gw_half = T.dwconv_weight_grad(x, g, 7, 2)
+        xs, ws = x.float().requires_grad_(), weight.float().requires_grad_()
+        ref = F.conv2d(xs, ws, padding=6, dilation=2, groups=4)
+        rx, rw = torch.autograd.grad(ref, (xs, ws), g.float())
+        assert out.dtype == gx.dtype == gw_half.dtype == dtype and gw.dtype == torch.float32
+        eps = 1e-2 if dtype == torch.float16 else 4e-2  # one rounding of the fp32 result
+        torch.testing.assert_close(out.float(), ref, rtol=eps, atol=eps)
+        torch.testing.assert_close(gx.float(), rx, rtol=eps, atol=eps)
+        torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-4)  # fp32 sums of exact products
+        torch.testing.assert_close(gw_half.float(), rw, rtol=eps, atol=eps)
+        print('ok', dtype, file=sys.stderr)
+    # autocast: the conv runs in the autocast dtype, gradients reach the fp32 leaves in fp32
+    x = torch.randn(1, 3, 5, 6, requires_grad=True)
+    weight = torch.randn(3, 1, 5, 5, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = T.depthwise_conv2d(x, weight)
+    gx, gw = torch.autograd.grad(out.float().sum(), (x, weight))
+    assert out.dtype == torch.bfloat16 and gx.dtype == gw.dtype == torch.float32
+    ref = F.conv2d(x, weight, padding=2, groups=3)
+    torch.testing.assert_close(out.float(), ref, rtol=4e-2, atol=4e-2)
+    print('ok')
+''')
+
+
+@needs_triton
+@pytest.mark.skipif(OLD_INTERPRETER, reason="Triton < 3.8's interpreter fails on numpy >= 2.4")
+def test_triton_depthwise_kernels_in_interpreter():
+    """Forward, input gradient and weight gradient equal F.conv2d and its autograd: kernels 3 to 17, dilations 1 to
+    3 and a 3x3 with dilation 5, non-square maps smaller than the kernel, NCHW, channels-last and strided inputs,
+    float64 and float32 (bias included), float16 and bfloat16 with fp32 accumulation, under autocast."""
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    env.pop('OVERLOCK_TRITON_DWCONV', None)
+    res = subprocess.run([sys.executable, '-c', INTERPRETED], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith('ok'), res.stderr[-3000:]
+
+
+def test_triton_depthwise_dispatch_defaults_to_cudnn(monkeypatch):
+    """Without the switch and without a measured entry the rule says cuDNN; OVERLOCK_TRITON_DWCONV=1 forces the
+    kernels, =0 cuDNN even over a measured entry; unsupported convolutions never take them; CPU tensors never do."""
+    monkeypatch.delenv('OVERLOCK_TRITON_DWCONV', raising=False)
+    monkeypatch.setattr(triton_dwconv, 'MEASURED', {})
+    key = (17, 1, triton_dwconv.map_bucket(56, 56), 'bf16')
+    assert key == (17, 1, 64, 'bf16')
+    assert not triton_dwconv.decide(17, 1, (56, 56), torch.bfloat16)
+    triton_dwconv.MEASURED[key] = True
+    assert triton_dwconv.decide(17, 1, (56, 56), torch.bfloat16)
+    assert not triton_dwconv.decide(17, 1, (56, 56), torch.float16)  # another dtype: not measured
+    assert not triton_dwconv.decide(17, 1, (100, 160), torch.bfloat16)  # another map-size bucket
+    monkeypatch.setenv('OVERLOCK_TRITON_DWCONV', '0')
+    assert not triton_dwconv.decide(17, 1, (56, 56), torch.bfloat16)
+    monkeypatch.setenv('OVERLOCK_TRITON_DWCONV', '1')
+    assert triton_dwconv.decide(7, 3, (7, 7), torch.float32)
+    assert not triton_dwconv.decide(19, 1, (56, 56), torch.float32)  # wider than the kernels serve
+    assert not triton_dwconv.decide(4, 1, (56, 56), torch.float32)  # even
+    assert not triton_dwconv.decide(7, 1, (56, 56), torch.float64)  # not a training dtype on the GPU
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    assert not triton_dwconv.use_triton(torch.zeros(1, 2, 8, 8), 7, 1)  # the CPU paths stay as they are
+    assert [triton_dwconv.map_bucket(*s) for s in [(7, 7), (14, 14), (28, 28), (56, 56), (50, 80), (200, 333)]] \
+        == [16, 16, 32, 64, 64, 0]
+
+
+@needs_triton
+def test_triton_depthwise_rejects_unsupported_shapes():
+    with pytest.raises(ValueError, match='odd kernels 3 to 17'):
+        triton_dwconv.dwconv_forward(torch.zeros(1, 2, 8, 8), torch.zeros(2, 1, 19, 19), None, 1)
+
+
+# ----- CUDA: the kernels against cuDNN (no interpreter) -----
+
+CUDA_SHAPES = [(4, 64, 56, 56, 17, 1), (2, 128, 28, 28, 15, 1), (2, 64, 50, 80, 13, 1), (3, 32, 25, 40, 7, 3),
+               (4, 48, 14, 14, 3, 5), (2, 16, 9, 37, 9, 2), (1, 8, 5, 6, 17, 1)]
+
+
+@needs_cuda
+@pytest.mark.parametrize('n,c,h,w,k,d', CUDA_SHAPES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_triton_depthwise_cuda_matches_cudnn(n, c, h, w, k, d, dtype, channels_last, monkeypatch):
+    """Forward and both gradients equal cuDNN's in fp32 (TF32 off) on the inputs' dtype-rounded values; the half
+    precisions within their rounding."""
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, c, h, w, device='cuda').to(dtype).contiguous(memory_format=fmt)
+    weight = (torch.randn(c, 1, k, k, device='cuda') / k).to(dtype)
+    bias = torch.randn(c, device='cuda').to(dtype)
+    g = torch.randn(n, c, h, w, device='cuda').to(dtype)
+    out = triton_dwconv.dwconv_forward(x, weight, bias, d)
+    gx = triton_dwconv.dwconv_input_grad(g, weight, d)
+    gw = triton_dwconv.dwconv_weight_grad(x, g, k, d, dtype=torch.float32)
+    xs, ws, bs = (t.float().requires_grad_() for t in (x, weight, bias))
+    ref = F.conv2d(xs, ws, bs, padding=d * (k - 1) // 2, dilation=d, groups=c)
+    rx, rw = torch.autograd.grad(ref, (xs, ws), g.float())
+    assert out.dtype == gx.dtype == dtype
+    assert out.is_contiguous(memory_format=fmt)
+    eps = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(out.float(), ref, rtol=eps, atol=eps)
+    torch.testing.assert_close(gx.float(), rx, rtol=eps, atol=eps)
+    # fp32 sums over n * h * w products: relative to the gradient's scale
+    scale = rw.abs().max().item()
+    torch.testing.assert_close(gw, rw, rtol=1e-3, atol=1e-4 * scale)
+
+
+@needs_cuda
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_triton_depthwise_cuda_dispatch_through_dw_conv2d(dtype, monkeypatch):
+    """OVERLOCK_TRITON_DWCONV=1 sends dw_conv2d (under autocast) and its backward through the kernels, with
+    cuDNN's results; =0 and no switch (the table is empty) keep cuDNN."""
+    from overlock_core.ops import dw_conv2d
+    calls = []
+    for name in ('dwconv_forward', 'dwconv_weight_grad'):
+        fn = getattr(triton_dwconv, name)
+        monkeypatch.setattr(triton_dwconv, name, lambda *a, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
+    x = torch.randn(2, 32, 28, 28, device='cuda').contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(32, 1, 13, 13, device='cuda') / 13
+    results = []
+    monkeypatch.setattr(triton_dwconv, 'MEASURED', {})
+    for flag in ('1', '0', None):
+        if flag is None:
+            monkeypatch.delenv('OVERLOCK_TRITON_DWCONV', raising=False)
+        else:
+            monkeypatch.setenv('OVERLOCK_TRITON_DWCONV', flag)
+        calls.clear()
+        xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast('cuda', dtype=dtype):
+            out = dw_conv2d(xs, ws, None, 1)
+        grads = torch.autograd.grad(out.float().square().sum(), (xs, ws))
+        assert out.dtype == dtype and grads[1].dtype == torch.float32
+        assert calls == (['dwconv_forward', 'dwconv_weight_grad'] if flag == '1' else [])
+        results.append((out.float(),) + grads)
+    for a, b in zip(results[0], results[1]):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * b.abs().max().item())
+
+
+@needs_cuda
+def test_triton_depthwise_cuda_model_step_matches_cudnn(monkeypatch):
+    """A whole OverLoCK training step on CUDA (lean form: the re-parameterisation branches' recomputing functions)
+    gives the same outputs and gradients with the Triton kernels forced on as with cuDNN (fp32, TF32 off)."""
+    from overlock_core.models import OverLoCK
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    torch.manual_seed(0)
+    model = OverLoCK('test', num_classes=5).cuda().train()
+    x = torch.randn(2, 3, 224, 224, device='cuda')
+    calls = []
+    for name in ('dwconv_forward', 'dwconv_backward'):
+        fn = getattr(triton_dwconv, name)
+        monkeypatch.setattr(triton_dwconv, name, lambda *a, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
+    results = []
+    for flag in ('1', '0'):
+        monkeypatch.setenv('OVERLOCK_TRITON_DWCONV', flag)
+        calls.clear()
+        out = model(x)
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+        results.append((out, grads))
+        # both passes of the re-parameterisation branches (recomputing functions) and of plain dw_conv2d
+        assert (set(calls) == {'dwconv_forward', 'dwconv_backward'}) if flag == '1' else not calls
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
