@@ -71,7 +71,7 @@ DEFAULTS = {
         'warmup_lr': 1.0e-6,
         'clip_grad': 5.0,           # global norm, after unscaling; None = off
         'amp': True,
-        'amp_dtype': 'auto',        # auto: float16 + GradScaler on GPUs (the authors'), fp32 on CPUs | float16 | bfloat16
+        'amp_dtype': 'auto',        # auto: fp16 + GradScaler on GPUs (the authors'), fp32 on CPUs | float16 | bfloat16
         'sync_bn': True,            # CUDA only (torch's SyncBatchNorm has no CPU kernel)
         'ema': True,
         'ema_decay': 0.9999,

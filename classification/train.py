@@ -85,7 +85,8 @@ def decay_groups(model, t):
         return model  # create_optimizer_v2 builds timm's groups
     from overlock_core.models import extended_no_weight_decay
     skip = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
-    return param_groups_weight_decay(model, t['weight_decay'], no_weight_decay_list=skip | extended_no_weight_decay(model))
+    skip |= extended_no_weight_decay(model)
+    return param_groups_weight_decay(model, t['weight_decay'], no_weight_decay_list=skip)
 
 
 def batch_plan(cfg, world):

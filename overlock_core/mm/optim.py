@@ -88,9 +88,9 @@ class OverLoCKOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
     Args:
         optim_wrapper_cfg: as for :class:`DefaultOptimWrapperConstructor`.
-        paramwise_cfg: ``official`` (bool, default True) selects the authors' groups, False the extended policy; ``custom_keys``
-            (mmengine semantics) is applied on top; ``no_decay_keys`` (tuple of substrings) adds name patterns
-            exempt from decay (ours only).
+        paramwise_cfg: ``official`` (bool, default True) selects the authors' groups, False the extended policy;
+            ``custom_keys`` (mmengine semantics) is applied on top; ``no_decay_keys`` (tuple of substrings) adds name
+            patterns exempt from decay (ours only).
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None):
