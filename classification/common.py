@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import overlock_core  # noqa: F401  registers the OverLoCK timm entrypoints
+from overlock_core.accel import accelerate, resolve
 from overlock_core.checkpoint import CheckpointError, load_weights
 
 log = logging.getLogger('cls')
@@ -67,17 +68,23 @@ def check_model_name(name):
         raise SystemExit(f"unknown model '{name}' (model.name); OverLoCK variants: {known}")
 
 
-def create_model(cfg, aux_head):
+def create_model(cfg, aux_head, device=None):
+    """The configured timm model, with ``model.accel`` applied for ``device`` (``overlock_core.accel.resolve``)."""
     m = cfg['model']
     check_model_name(m['name'])
     kwargs = dict(m['kwargs'])
     if aux_head:
         kwargs['aux_head'] = True
     try:
-        return timm.create_model(m['name'], num_classes=cfg['data']['num_classes'],
-                                 drop_path_rate=m['drop_path_rate'], **kwargs)
+        accel = resolve(m['accel'], device=device)
+    except ValueError as e:
+        raise SystemExit(f'model.accel: {e}')
+    try:
+        model = timm.create_model(m['name'], num_classes=cfg['data']['num_classes'],
+                                  drop_path_rate=m['drop_path_rate'], **kwargs)
     except TypeError as e:  # an unknown constructor argument in model.kwargs
         raise SystemExit(f"cannot build {m['name']} with model.kwargs {m['kwargs']}: {e}")
+    return accelerate(model, accel)
 
 
 def load_model_weights(model, path, use_ema=False):

@@ -21,6 +21,8 @@ DEFAULTS = {
         'aux_weight': 0.4,          # loss = CE(main) + aux_weight * CE(aux)
         'kwargs': {},               # extra constructor kwargs (ablation switches: kernel_sizes, use_context, mixer...)
         'pretrained': None,         # path of initial weights (fine-tuning); the classifier must match
+        'accel': 'auto',            # overlock_core.accel: auto (CPU: accelerated, lean; GPU: the paper form), off,
+                                    # or {lean: true|false|max}
     },
     'data': {
         'data_dir': 'data/imagenet',

@@ -150,7 +150,7 @@ class Trainer:
         self.dtype = amp_dtype(cfg, device)
         seed_all(t['seed'])  # identical init on every rank (DDP also broadcasts it)
 
-        model = create_model(cfg, aux_head=cfg['model']['aux_head'])
+        model = create_model(cfg, aux_head=cfg['model']['aux_head'], device=device)
         if cfg['model']['pretrained']:
             load_model_weights(model, cfg['model']['pretrained'])
         if t['grad_checkpointing']:

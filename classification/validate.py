@@ -62,7 +62,7 @@ def main(argv=None):
 
 def run(cfg, args, root, work_dir, rank, world, device):
     setup_logging(rank)
-    model = create_model(cfg, aux_head=False)  # the aux head only exists to shape training
+    model = create_model(cfg, aux_head=False, device=device)  # the aux head only exists to shape training
     load_model_weights(model, args.checkpoint, use_ema=args.use_ema)
     if args.reparam:
         model = reparameterize_model(model)

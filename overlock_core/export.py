@@ -1,10 +1,11 @@
 """Inference export: the plain-operator forward, the inference form, ONNX export and its check.
 
-The eager model runs fused kernels, custom autograd functions and ``torch.library`` operators (``ops``), and picks
-layouts and paths by device and map size. None of that can be traced or exported, so while ``plain_ops_active()``
-holds the forwards use standard PyTorch operators only: depth-wise convs as ``F.conv2d``, GRN and ContMix's
-aggregation (``ops.neighborhood.kernel_av_plain``) as composites, no autograd functions, no layout tricks. It holds
-inside ``plain_ops()`` and, on its own, while ``torch.export`` / ``torch.onnx.export`` / ``torch.jit.trace`` run.
+The model's three operators (``ops``: the depth-wise conv, GRN and ContMix's aggregation) run fused kernels, custom
+autograd functions and ``torch.library`` operators picked by device and map size, and the accelerated module forms
+(``accel``) add more. None of that can be traced or exported, so while ``plain_ops_active()`` holds the operators
+use standard PyTorch operators only: depth-wise convs as ``F.conv2d``, GRN and ContMix's aggregation
+(``ops.neighborhood.kernel_av_plain``) as composites, and accelerated modules run the paper form. It holds inside
+``plain_ops()`` and, on its own, while ``torch.export`` / ``torch.onnx.export`` / ``torch.jit.trace`` run.
 Results equal the eager model's up to float rounding. ``prepare_for_export`` gives the inference form (merged,
 BatchNorms folded) with ContMix's 7x7 region pooling as matmuls, which ONNX can run at any image size.
 
@@ -93,15 +94,16 @@ class AdaptiveAvgPool2dPlain(nn.AdaptiveAvgPool2d):
 
 def prepare_for_export(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The inference form of ``model`` for export: eval mode, DilatedReparamBlocks merged and BatchNorms folded
-    (``timm.utils.reparameterize_model``), the memory-lean training functions off, and adaptive average pools to
+    (``timm.utils.reparameterize_model``), the paper form of any accelerated module (``accel.restore``), and
+    adaptive average pools to
     more than 1x1 (ContMix's 7x7 region centres) pooling through matmuls, which export with dynamic image size
     (``AdaptiveAvgPool2dPlain``); a copy unless ``inplace``."""
     from timm.utils import reparameterize_model
+
+    from .accel import restore
     model = model if inplace else copy.deepcopy(model)
-    model = reparameterize_model(model.eval(), inplace=True).eval()  # new merged convs start in train mode
+    model = reparameterize_model(restore(model).eval(), inplace=True).eval()  # new merged convs start in train mode
     for m in model.modules():
-        if hasattr(m, 'set_lean'):
-            m.set_lean(False)
         if type(m) is nn.AdaptiveAvgPool2d and _pair(m.output_size) != (1, 1):
             m.__class__ = AdaptiveAvgPool2dPlain
     return model

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from overlock_core.accel import AccelConfig, accelerate
 from overlock_core.models import OverLoCK
 
 SIZE = (96, 160)  # non-square; stages 3/4 go through ContMix's small-map rule at every variant's K
@@ -95,11 +96,11 @@ def test_dense_outputs_follow_the_authors_order(arch, dense):
     _check_dense(m, x)
 
 
-@pytest.mark.parametrize('lean', [False, True, 'max'])
+@pytest.mark.parametrize('lean', [None, False, True, 'max'])
 def test_dense_training_form_follows_the_authors_order(lean):
-    """Training mode (batch statistics), every lean level; gradients reach stage 2 through extra_norm[1]."""
+    """Training mode (batch statistics), the paper form and every lean level; gradients reach stage 2 through extra_norm[1]."""
     torch.manual_seed(0)
-    m = _randomise(OverLoCK('test', dense='det', lean=lean)).train()
+    m = _randomise(accelerate(OverLoCK('test', dense='det'), None if lean is None else AccelConfig(lean=lean))).train()
     x = torch.randn(2, 3, *SIZE)
     _check_dense(m, x)
     m.zero_grad()

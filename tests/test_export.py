@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from timm.layers import get_notrace_functions, get_notrace_modules
 
 import overlock_core  # noqa: F401  registers the timm models
+from overlock_core import accel
+from overlock_core.accel import accelerate, accelerated
 from overlock_core.export import (adaptive_avg_pool2d_plain, min_input_size, plain_forward, plain_ops,
                                   plain_ops_active, prepare_for_export)
-from overlock_core.models import layers
 from overlock_core.models.layers import contmix_size
 from overlock_core.ops import dwconv, neighborhood
 from overlock_core.ops.grn import grn_plain
@@ -67,7 +68,7 @@ def test_fx_graph_keeps_the_eager_kernels_as_leaves():
     model = timm.create_model('test_overlock').eval()
     gm = _fx_model(model)
     calls = {getattr(n.target, '__name__', str(n.target)) for n in gm.graph.nodes if n.op == 'call_function'}
-    assert {'contmix_fit', 'contmix_unfit', 'contmix_av', 'join_channels', 'stem_layout'} <= calls
+    assert {'contmix_fit', 'contmix_unfit', 'contmix_av'} <= calls
     leaves = {type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == 'call_module'}
     assert {'DWConv2d', 'ResDWConv', 'GRN'} <= leaves
     with torch.inference_mode():
@@ -78,9 +79,9 @@ def test_fx_graph_keeps_the_eager_kernels_as_leaves():
 
 def test_fx_backward_train_mode():
     """timm's test_model_backward_fx: the traced training graph gives every parameter a gradient, and the same
-    outputs and gradients as the eager (memory-lean) model."""
+    outputs and gradients as the eager model, accelerated (memory-lean) or not."""
     model = timm.create_model('test_overlock', num_classes=42).train()
-    eager = copy.deepcopy(model)
+    eager = accelerate(copy.deepcopy(model))
     fx = _fx_model(model)
     x = torch.randn(2, 3, 64, 64)
     out = tuple(fx(x).values())[0]
@@ -114,10 +115,11 @@ def forbid_custom_kernels(monkeypatch):
         raise AssertionError('a custom kernel ran in the plain form')
 
     def forbid():
-        for fn in (layers._ChannelSplit, grn._GRN, neighborhood._KernelAV, neighborhood._AV,
+        for fn in (accel._ChannelSplit, grn._GRN, neighborhood._KernelAV, neighborhood._AV,
                    dwconv._DepthwiseConv):
             monkeypatch.setattr(fn, 'forward', staticmethod(boom))
-        for mod, name in ((layers, 'dw_conv2d'), (neighborhood.cpu_ext, 'get'), (layers, 'image_groups')):
+        for mod, name in ((accel, 'dw_conv2d'), (neighborhood.cpu_ext, 'get'), (accel, 'image_groups'),
+                          (dwconv, '_layout')):
             monkeypatch.setattr(mod, name, boom)
     return forbid
 
@@ -126,8 +128,9 @@ def forbid_custom_kernels(monkeypatch):
 def test_plain_form_equals_eager(dense, forbid_custom_kernels):
     """The export form (plain operators, inference form) matches the eager model to 1e-5 and calls none of its
     custom kernels, at a size that fits every kernel and at one that takes the small-map rule."""
-    model = timm.create_model('test_overlock', **({'dense': dense} if dense else {})).eval()
+    model = accelerate(timm.create_model('test_overlock', **({'dense': dense} if dense else {}))).eval()
     deploy = prepare_for_export(model)
+    assert accelerated(deploy) is None and accelerated(model) is not None
     assert deploy is not model and all(not b.training for b in deploy.modules())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deploy.modules())
     inputs = [torch.randn(1, 3, 224, 224), torch.randn(2, 3, 64, 96)]

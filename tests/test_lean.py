@@ -1,12 +1,15 @@
-"""The memory-lean training form: recomputing autograd functions are exact, update BatchNorm statistics once, keep
-far fewer bytes than plain autograd, and give the model the same outputs and gradients as the plain modules."""
+"""The accelerated forms (``overlock_core.accel``): recomputing autograd functions are exact, update BatchNorm
+statistics once, keep far fewer bytes than plain autograd, and give the model the same outputs and gradients as the
+paper-form modules; ``accelerate`` and ``restore`` swap forms without touching the state_dict."""
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
+from overlock_core.accel import AccelConfig, accelerate, accelerated, resolve, restore
 from overlock_core.models import OverLoCK
+from overlock_core.ops.config import KERNELS
 from overlock_core.models.layers import DynamicConvBlock, RepConvBlock
 from overlock_core.ops import (bn_act, bn_branch_sum, conv_mlp, gated_bn_conv, kernel_av, na2d_av_reference,
                                rpb_bias)
@@ -32,10 +35,10 @@ def _use_path(path, monkeypatch):
     from overlock_core.ops import cpu_ext, neighborhood
     if path == 'fused':
         if not cpu_ext.enabled():
-            pytest.skip('OVERLOCK_CPU_EXT=0')
+            pytest.skip('the fused CPU kernels are switched off (OVERLOCK_CPU_EXT=0)')
         assert cpu_ext.load() is not None, 'the fused CPU kernels did not build'
     else:
-        monkeypatch.setenv('OVERLOCK_CPU_EXT', '0')
+        monkeypatch.setattr(KERNELS, 'cpu_ext', False)
         monkeypatch.setattr(neighborhood, 'MAX_GROUPS', 10 ** 6 if path == 'grouped' else 0)
 
 
@@ -114,7 +117,7 @@ def test_fused_kernel_av_equals_the_pytorch_formulation(c, k, h, w, monkeypatch)
     grad = torch.randn(b * g, c, h, w, dtype=D)
     results = []
     for flag in ('1', '0'):
-        monkeypatch.setenv('OVERLOCK_CPU_EXT', flag)
+        monkeypatch.setattr(KERNELS, 'cpu_ext', flag == '1')
         out = kernel_av(*leaves, k)
         results.append((out, *torch.autograd.grad(out, leaves, grad)))
     assert cpu_ext.enabled() is False
@@ -159,7 +162,8 @@ def test_dw_bn_act_conv_is_bitwise_the_plain_chain(act):
     """The fusion chain (DW3x3, BN, act, 1x1 conv) keeping x alone: fp32 output, every gradient and the running
     statistics equal the plain modules' bit for bit (the same kernels in the same order, so seeded runs are
     unchanged), and a float64 gradcheck passes."""
-    from overlock_core.models.layers import Chain, DWConv2d
+    from overlock_core.accel import Chain
+    from overlock_core.models.layers import DWConv2d
     from overlock_core.ops import dw_bn_act_conv
     chain = Chain(DWConv2d(6, 3), nn.BatchNorm2d(6), nn.GELU() if act == 'gelu' else nn.SiLU(), nn.Conv2d(6, 4, 1))
     plain = copy.deepcopy(chain)
@@ -300,17 +304,14 @@ def _run(module, inputs):
     return out, [t.grad for t in inputs], grads, dict(module.named_buffers())
 
 
-def _lean_pair(module):
-    lean, plain = module, copy.deepcopy(module)
-    for m in plain.modules():
-        if hasattr(m, 'lean'):
-            m.lean = False
-    return lean, plain
+def _lean_pair(module, lean=True):
+    """(the accelerated form at ``lean``, the paper form) of ``module``, same weights."""
+    return accelerate(copy.deepcopy(module), AccelConfig(lean=lean)), module
 
 
 @pytest.mark.parametrize('kind', ['rep', 'dynamic', 'model'])
 def test_lean_equals_plain_modules(kind):
-    """Same outputs, input and parameter gradients and BatchNorm statistics as the plain modules (float64)."""
+    """Same outputs, input and parameter gradients and BatchNorm statistics as the paper-form modules (float64)."""
     torch.manual_seed(0)
     if kind == 'rep':
         module, inputs = RepConvBlock(16, 17, ls_init_value=1.0), [torch.randn(2, 16, 11, 13)]
@@ -353,6 +354,7 @@ def test_lean_halves_the_kept_activations():
     model = OverLoCK('t', num_classes=10).train()
     x = torch.randn(2, 3, 128, 128)
     lean, plain = _lean_pair(model)
+    assert _saved_bytes(accelerate(copy.deepcopy(model), AccelConfig(lean=False)), x) > 0.9 * _saved_bytes(plain, x)
     assert _saved_bytes(lean, x) < 0.55 * _saved_bytes(plain, x)
 
 
@@ -379,8 +381,7 @@ def test_lean_max_recomputes_the_hidden_map_bit_for_bit():
     and BatchNorm statistics equal lean=True's bit for bit, and it keeps less; bad values are refused."""
     torch.manual_seed(0)
     model = OverLoCK('test', num_classes=5).train()
-    lean, most = model, copy.deepcopy(model)
-    most.set_lean('max')
+    lean, most = _lean_pair(model)[0], _lean_pair(model, 'max')[0]
     x = torch.randn(2, 3, 64, 64)
     a, b = _run(lean, [x]), _run(most, [x])
     assert torch.equal(a[0], b[0]) and torch.equal(a[1][0], b[1][0])
@@ -388,31 +389,64 @@ def test_lean_max_recomputes_the_hidden_map_bit_for_bit():
         assert g is None and b[2][name] is None or torch.equal(g, b[2][name]), name
     for name, buf in a[3].items():
         assert torch.equal(buf, b[3][name]), name
-    big, x = OverLoCK('t', num_classes=10).train(), torch.randn(2, 3, 96, 96)
+    big, x = accelerate(OverLoCK('t', num_classes=10).train()), torch.randn(2, 3, 96, 96)
     kept = _saved_bytes(big, x)
-    big.set_lean('max')
+    accelerate(big, AccelConfig(lean='max'))
     assert _saved_bytes(big, x) < 0.9 * kept  # the hidden MLP maps are a sizeable share of what lean=True keeps
     with pytest.raises(ValueError, match='lean must be'):
-        model.set_lean('yes')
+        AccelConfig(lean='yes')
 
 
-def test_dense_backbones_default_to_lean_max():
-    """Backbones for det/seg (timm ``features_only``, ``OverLoCKBackbone``) keep no hidden MLP map by default, where
-    activation memory binds; classifiers keep lean=True, and an explicit ``lean`` wins."""
+def test_models_are_built_in_the_paper_form_and_launchers_accelerate_on_cpus():
+    """timm builds the paper form; the launchers' 'auto' accelerates on CPUs (lean for classifiers, 'max' for dense
+    backbones, where activation memory binds) and leaves GPU models in the paper form; an explicit choice wins and
+    a bad one is a clear error."""
     import timm
 
     import overlock_core.mm  # noqa: F401  (registers OverLoCKBackbone)
     from mmengine.registry import MODELS
-    from overlock_core.models.layers import Lean
+    from overlock_core.accel import auto_config
+    from overlock_core.models import layers
 
-    def leans(m):
-        return {x.lean for x in m.modules() if isinstance(x, Lean)}
+    plain = timm.create_model('test_overlock', features_only=True)
+    assert accelerated(plain) is None
+    assert not any(type(m).__module__ == 'overlock_core.accel' for m in plain.modules())
+    assert type(plain.model.blocks1[0]) is layers.RepConvBlock
+    assert auto_config(device='cpu') == AccelConfig(lean=True)
+    assert auto_config(dense=True, device='cpu') == AccelConfig(lean='max')
+    assert auto_config(device='cuda') is None
+    assert resolve('auto', device='cuda:0') is None and resolve('off') is None and resolve(False) is None
+    assert resolve(dict(lean='max')) == AccelConfig(lean='max')
+    for bad, match in (('fast', 'accel must be'), (dict(lean=1, kernels=2), 'unknown accel option'),
+                       (dict(lean='yes'), 'lean must be')):
+        with pytest.raises(ValueError, match=match):
+            resolve(bad)
+    auto = 'cuda' if torch.cuda.is_available() else 'cpu'
+    built = MODELS.build(dict(type='OverLoCKBackbone', arch='test', dense='seg'))
+    assert accelerated(built) == auto_config(dense=True, device=auto)
+    assert accelerated(MODELS.build(dict(type='OverLoCKBackbone', arch='test', dense='det', accel='off'))) is None
+    assert accelerated(MODELS.build(dict(type='OverLoCKBackbone', arch='test', dense='det',
+                                         accel=dict(lean=False)))) == AccelConfig(lean=False)
 
-    assert leans(timm.create_model('test_overlock')) == {True}
-    assert leans(timm.create_model('test_overlock', features_only=True)) == {'max'}
-    assert leans(timm.create_model('test_overlock', features_only=True, lean=True)) == {True}
-    assert leans(MODELS.build(dict(type='OverLoCKBackbone', arch='test', dense='seg'))) == {'max'}
-    assert leans(MODELS.build(dict(type='OverLoCKBackbone', arch='test', dense='det', lean=False))) == {False}
+
+def test_accelerate_and_restore_keep_the_state_dict():
+    """accelerate swaps every paper-form module (the stem included) and restore swaps them all back: same
+    state_dict keys and tensors throughout, the parameters the optimiser holds stay the same objects."""
+    from overlock_core import accel
+    model = OverLoCK('test', num_classes=5)
+    params, state = list(model.parameters()), {k: v.clone() for k, v in model.state_dict().items()}
+    accelerate(model, AccelConfig(lean='max'))
+    kinds = {type(m) for m in model.modules()}
+    assert set(accel.FORMS.values()) - {accel.Chain} | {accel.ChannelsLastStem} <= kinds
+    assert not kinds & set(accel.FORMS)
+    assert accelerated(model) == AccelConfig(lean='max')
+    for m in (model, restore(model)):
+        assert list(m.parameters()) == params
+        assert m.state_dict().keys() == state.keys()
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in state.items())
+    assert accelerated(model) is None and not {type(m) for m in model.modules()} & set(accel.PLAIN)
+    with pytest.raises(TypeError, match='AccelConfig'):
+        accelerate(model, dict(lean=True))
 
 
 def test_mlp_without_autograd_runs_in_image_groups(monkeypatch):
@@ -420,7 +454,7 @@ def test_mlp_without_autograd_runs_in_image_groups(monkeypatch):
     output equals the one-batch output."""
     from overlock_core.ops import recompute
     torch.manual_seed(0)
-    block = RepConvBlock(8, 5).eval()
+    block = accelerate(RepConvBlock(8, 5)).eval()
     for name, p in block.named_parameters():
         if name.endswith(('gamma', 'beta')):
             nn.init.normal_(p)  # GRN starts as the identity

@@ -144,10 +144,12 @@ def test_reparameterization_equivalence():
 
 
 def test_se_scale_is_its_modules_output():
-    """SEModule.scale runs the 1x1 convs of ``proj`` as matmuls on the pooled vectors: the same numbers, gradients
-    included, on channels-last maps too."""
+    """The accelerated SE's ``scale`` runs the 1x1 convs of ``proj`` as matmuls on the pooled vectors: the same
+    numbers, gradients included, on channels-last maps too."""
+    from overlock_core.accel import FastSE, accelerate
     from overlock_core.models.layers import SEModule
-    se = SEModule(24).double()
+    se = accelerate(SEModule(24).double())
+    assert type(se) is FastSE
     x = torch.randn(3, 24, 7, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     torch.testing.assert_close(se.scale(a), se.proj(b))
@@ -220,18 +222,22 @@ def test_dense_outputs(dense):
 
 
 def test_cpu_stem_runs_channels_last_and_hands_on_the_input_layout():
-    """The CPU stem runs channels-last (a kernel choice): the stage-1 input keeps the caller's layout and equals the
-    stem run in NCHW up to rounding, in the forward and the backward."""
+    """The accelerated CPU stem runs channels-last (a kernel choice): the stage-1 input keeps the caller's layout
+    and equals the paper-form stem run in NCHW up to rounding, in the forward and the backward."""
+    from overlock_core.accel import ChannelsLastStem, accelerate
     m = OverLoCK('test', num_classes=3).train()
     x = torch.randn(2, 3, 64, 64, requires_grad=True)
-    fast = m._stem(x)
     plain = m.patch_embed1(x)
+    accelerate(m)
+    assert type(m.patch_embed1) is ChannelsLastStem
+    fast = m.patch_embed1(x)
     assert fast.is_contiguous() and not fast.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
     g = torch.randn_like(fast)
     torch.testing.assert_close(torch.autograd.grad(fast, x, g)[0], torch.autograd.grad(plain, x, g)[0],
                                rtol=1e-4, atol=1e-4)
-    assert m._stem(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    cl = m.patch_embed1(x.contiguous(memory_format=torch.channels_last))
+    assert cl.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_det_adds_overview_projection_to_last_map():

@@ -268,3 +268,23 @@ def test_residual_stream_keeps_fp32_under_bf16_autocast():
     ref = blk.ls(blk.dwconv(x)) + blk.proj(blk.dwconv(x))
     torch.testing.assert_close(y32, ref)
 
+
+
+def test_kernel_config_from_env_configure_and_using():
+    """One object says which kernels the operators may use: it starts from the environment, ``using`` changes it for
+    a block (the aggregation's path follows at once) and restores it, and an unknown option is refused."""
+    import dataclasses
+
+    from overlock_core.ops import cpu_ext
+    from overlock_core.ops.config import KERNELS, KernelConfig, configure, using
+    from overlock_core.ops.neighborhood import _kernel_av_path
+    assert KernelConfig.from_env({}) == KernelConfig(cpu_ext=True, triton_av=True, triton_dwconv=None)
+    env = {'OVERLOCK_CPU_EXT': '0', 'OVERLOCK_TRITON': '0', 'OVERLOCK_TRITON_DWCONV': '1'}
+    assert KernelConfig.from_env(env) == KernelConfig(cpu_ext=False, triton_av=False, triton_dwconv=True)
+    before = dataclasses.replace(KERNELS)
+    value = torch.randn(2, 4, 9, 11)
+    with using(cpu_ext=False):
+        assert cpu_ext.get() is None and _kernel_av_path(value, 5) != 'fused'
+    assert KERNELS == before
+    with pytest.raises(ValueError, match='unknown kernel option'):
+        configure(fast_kernels=True)

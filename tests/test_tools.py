@@ -60,7 +60,7 @@ def test_benchmark_harness_writes_json(tmp_path):
     res = subprocess.run([sys.executable, 'tools/benchmark.py', '--models', 'test_overlock', '--size', '64', '64',
                           '--batch', '2', '--iters', '1', '--threads', '1', '--repeats', '1', '--modes', 'train',
                           '--no-lean', '--profile', '3'], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and 'without recomputation (--no-lean)' in res.stdout, res.stderr
+    assert res.returncode == 0 and 'OverLoCK accelerated, lean=False' in res.stdout, res.stderr
     assert len([line for line in res.stdout.splitlines() if line.startswith('  test_overlock train:')]) == 3
     res = subprocess.run([sys.executable, 'tools/benchmark.py', '--ops', '--op-shapes', 'stage4@224 K7', '--batch',
                           '1', '--iters', '1', '--threads', '1', '--json', str(out)],

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from overlock_core.ops import na2d_av, triton_av
+from overlock_core.ops.config import KERNELS
 from triton_marks import OLD_INTERPRETER, needs_cuda, needs_triton
 
 
@@ -69,10 +70,11 @@ def test_triton_kernels_in_interpreter():
 
 
 def test_triton_switch(monkeypatch):
-    """OVERLOCK_TRITON=0 sends GPU tensors to the PyTorch formulation; CPU tensors never take the kernels."""
+    """KERNELS.triton_av=False (OVERLOCK_TRITON=0) sends GPU tensors to the PyTorch formulation; CPU tensors never
+    take the kernels."""
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     assert not triton_av.available(torch.zeros(1))
-    monkeypatch.setenv('OVERLOCK_TRITON', '0')
+    monkeypatch.setattr(KERNELS, 'triton_av', False)
     monkeypatch.setenv('TRITON_INTERPRET', '1')
     assert not triton_av.available(torch.zeros(1))
 
@@ -98,17 +100,18 @@ def test_triton_cuda_matches_definition(h, w, k, dtype):
 
 @needs_cuda
 def test_triton_cuda_model_matches_pytorch_formulation(monkeypatch):
-    """A whole training step on CUDA: the Triton kernels, the PyTorch formulation and the plain (not lean) modules
-    give the same outputs and gradients (fp32, TF32 off): the lean recomputing functions run on CUDA too."""
+    """A whole training step on CUDA: the Triton kernels, the PyTorch formulation and the paper-form modules give
+    the same outputs and gradients (fp32, TF32 off): the lean recomputing functions run on CUDA too."""
+    from overlock_core.accel import AccelConfig, accelerate
     from overlock_core.models import OverLoCK
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     model = OverLoCK('test', num_classes=5).cuda().train()
     x = torch.randn(2, 3, 224, 224, device='cuda')
     results = []
-    for flag, lean in (('1', True), ('0', True), ('1', False)):  # kernels, PyTorch formulation, plain modules
-        monkeypatch.setenv('OVERLOCK_TRITON', flag)
-        model.set_lean(lean)
+    for flag, accel in (('1', AccelConfig()), ('0', AccelConfig()), ('1', None)):  # kernels, PyTorch, paper form
+        monkeypatch.setattr(KERNELS, 'triton_av', flag == '1')
+        accelerate(model, accel)
         out = model(x)
         grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
         results.append((out, grads))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from overlock_core.ops import triton_dwconv
+from overlock_core.ops.config import KERNELS
 from triton_marks import OLD_INTERPRETER, needs_cuda, needs_triton
 
 
@@ -98,9 +99,9 @@ def test_triton_depthwise_kernels_in_interpreter():
 
 
 def test_triton_depthwise_dispatch_defaults_to_cudnn(monkeypatch):
-    """Without the switch and without a measured entry the rule says cuDNN; OVERLOCK_TRITON_DWCONV=1 forces the
-    kernels, =0 cuDNN even over a measured entry; unsupported convolutions never take them; CPU tensors never do."""
-    monkeypatch.delenv('OVERLOCK_TRITON_DWCONV', raising=False)
+    """Without the switch and without a measured entry the rule says cuDNN; KERNELS.triton_dwconv=True forces the
+    kernels, False cuDNN even over a measured entry; unsupported convolutions never take them; CPU tensors never do."""
+    monkeypatch.setattr(KERNELS, 'triton_dwconv', None)
     monkeypatch.setattr(triton_dwconv, 'MEASURED', {})
     key = (17, 1, triton_dwconv.map_bucket(56, 56), 'bf16')
     assert key == (17, 1, 64, 'bf16')
@@ -109,9 +110,9 @@ def test_triton_depthwise_dispatch_defaults_to_cudnn(monkeypatch):
     assert triton_dwconv.decide(17, 1, (56, 56), torch.bfloat16)
     assert not triton_dwconv.decide(17, 1, (56, 56), torch.float16)  # another dtype: not measured
     assert not triton_dwconv.decide(17, 1, (100, 160), torch.bfloat16)  # another map-size bucket
-    monkeypatch.setenv('OVERLOCK_TRITON_DWCONV', '0')
+    monkeypatch.setattr(KERNELS, 'triton_dwconv', False)
     assert not triton_dwconv.decide(17, 1, (56, 56), torch.bfloat16)
-    monkeypatch.setenv('OVERLOCK_TRITON_DWCONV', '1')
+    monkeypatch.setattr(KERNELS, 'triton_dwconv', True)
     assert triton_dwconv.decide(7, 3, (7, 7), torch.float32)
     assert not triton_dwconv.decide(19, 1, (56, 56), torch.float32)  # wider than the kernels serve
     assert not triton_dwconv.decide(4, 1, (56, 56), torch.float32)  # even
@@ -166,8 +167,8 @@ def test_triton_depthwise_cuda_matches_cudnn(n, c, h, w, k, d, dtype, channels_l
 @needs_cuda
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_triton_depthwise_cuda_dispatch_through_dw_conv2d(dtype, monkeypatch):
-    """OVERLOCK_TRITON_DWCONV=1 sends dw_conv2d (under autocast) and its backward through the kernels, with
-    cuDNN's results; =0 and no switch (the table is empty) keep cuDNN."""
+    """KERNELS.triton_dwconv=True sends dw_conv2d (under autocast) and its backward through the kernels, with
+    cuDNN's results; False and None (the table is empty) keep cuDNN."""
     from overlock_core.ops import dw_conv2d
     calls = []
     for name in ('dwconv_forward', 'dwconv_weight_grad'):
@@ -178,10 +179,7 @@ def test_triton_depthwise_cuda_dispatch_through_dw_conv2d(dtype, monkeypatch):
     results = []
     monkeypatch.setattr(triton_dwconv, 'MEASURED', {})
     for flag in ('1', '0', None):
-        if flag is None:
-            monkeypatch.delenv('OVERLOCK_TRITON_DWCONV', raising=False)
-        else:
-            monkeypatch.setenv('OVERLOCK_TRITON_DWCONV', flag)
+        monkeypatch.setattr(KERNELS, 'triton_dwconv', {'1': True, '0': False, None: None}[flag])
         calls.clear()
         xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
         with torch.autocast('cuda', dtype=dtype):
@@ -198,11 +196,12 @@ def test_triton_depthwise_cuda_dispatch_through_dw_conv2d(dtype, monkeypatch):
 def test_triton_depthwise_cuda_model_step_matches_cudnn(monkeypatch):
     """A whole OverLoCK training step on CUDA (lean form: the re-parameterisation branches' recomputing functions)
     gives the same outputs and gradients with the Triton kernels forced on as with cuDNN (fp32, TF32 off)."""
+    from overlock_core.accel import accelerate
     from overlock_core.models import OverLoCK
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     torch.manual_seed(0)
-    model = OverLoCK('test', num_classes=5).cuda().train()
+    model = accelerate(OverLoCK('test', num_classes=5)).cuda().train()
     x = torch.randn(2, 3, 224, 224, device='cuda')
     calls = []
     for name in ('dwconv_forward', 'dwconv_backward'):
@@ -210,7 +209,7 @@ def test_triton_depthwise_cuda_model_step_matches_cudnn(monkeypatch):
         monkeypatch.setattr(triton_dwconv, name, lambda *a, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
     results = []
     for flag in ('1', '0'):
-        monkeypatch.setenv('OVERLOCK_TRITON_DWCONV', flag)
+        monkeypatch.setattr(KERNELS, 'triton_dwconv', flag == '1')
         calls.clear()
         out = model(x)
         grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))

@@ -7,12 +7,14 @@ with the models alternating; each figure is the median over those processes of e
 (VmHWM, reset through /proc/self/clear_refs) over all steps above the state after the model and input were built
 (measured before the first step: glibc keeps much of a step's memory afterwards, and a baseline taken then hides a
 varying part of the peak); CUDA peak memory is torch.cuda.max_memory_allocated above the same point.
-  infer: eval, no grad, deploy (re-parameterised) form for OverLoCK;  train: forward + backward, training form
-  (OverLoCK's memory-lean form unless --no-lean; lean=True for classifiers, 'max' with --backbone).
+  infer: eval, no grad, deploy (re-parameterised) form for OverLoCK;  train: forward + backward, training form.
+  OverLoCK runs as the launchers build it (``overlock_core.accel.auto_config``): on CPUs the accelerated forms with
+  lean=True ('max' with --backbone), on GPUs the paper form; --plain, --no-lean, --lean and --lean-max choose.
 
   python tools/benchmark.py                                   # 224x224, batch 8, CPU, 2 threads
   python tools/benchmark.py --size 800 1280 --batch 1 --modes train --backbone
-  python tools/benchmark.py --modes train --no-lean           # OverLoCK through the plain modules (no recompute)
+  python tools/benchmark.py --modes train --plain             # OverLoCK in the paper form (no accel layer)
+  python tools/benchmark.py --modes train --no-lean           # accelerated forms without recomputation
   python tools/benchmark.py --modes train --lean-max          # lean='max': no hidden MLP map kept
   python tools/benchmark.py --ops                             # aggregation operator vs the unfold formulation
   python tools/benchmark.py --device cuda --dtype bf16 --channels-last --json bench.json
@@ -97,9 +99,11 @@ def _build(a: Dict):
     kw = {}
     if a['backbone']:
         kw = dict(features_only=True, out_indices=(0, 1, 2, 3))
-    if a.get('lean') is not None and a['model'].startswith('overlock'):  # None: the model's default
-        kw['lean'] = a['lean']
-    model = timm.create_model(a['model'], **kw).to(dev)
+    model = timm.create_model(a['model'], **kw)
+    if a['model'].startswith('overlock'):
+        from overlock_core.accel import accelerate, resolve
+        accelerate(model, resolve(a.get('accel') or 'auto', dense=a['backbone'], device=dev))
+    model = model.to(dev)
     if a.get('grad_checkpointing'):
         model.set_grad_checkpointing(True)
     if a['mode'] == 'infer':
@@ -426,6 +430,14 @@ def _dwconv_table(args, common: Dict) -> List[Dict]:
 REALISTIC_CASES = ('train', 'infer', 'dense')
 
 
+def _accel_name(spec, backbone: bool, device: str) -> str:
+    """How OverLoCK runs under ``spec`` (a --plain/--lean... choice, or None: ``accel.auto_config``, without importing
+    the package here: the workers import the checkout's own)."""
+    if spec is None:
+        spec = 'off' if torch.device(device).type != 'cpu' else dict(lean='max' if backbone else True)
+    return 'in the paper form' if spec == 'off' else f"accelerated, lean={spec['lean']}"
+
+
 def _realistic(args, common: Dict) -> List[Dict]:
     """Training and inference at ``--size`` (batch ``--realistic-batch``) and a dense backbone training step at
     ``--dense-size`` (batch ``--dense-batch``), channels-last, each model under each precision of ``--precisions``
@@ -434,7 +446,7 @@ def _realistic(args, common: Dict) -> List[Dict]:
     cases = [dict(case='train', mode='train', size=list(args.size), batch=args.realistic_batch, backbone=False),
              dict(case='infer', mode='infer', size=list(args.size), batch=args.realistic_batch, backbone=False),
              dict(case='dense', mode='train', size=list(args.dense_size), batch=args.dense_batch, backbone=True)]
-    spec = dict(common, kind='suite', cases=cases, channels_last=True, optimizer=True, lean=args.lean,
+    spec = dict(common, kind='suite', cases=cases, channels_last=True, optimizer=True, accel=args.accel,
                 grad_checkpointing=args.grad_checkpointing, compile=args.compile, profile=args.profile)
     results: Dict = {}
     for _ in range(args.repeats):
@@ -523,13 +535,15 @@ def main(argv=None):
     ap.add_argument('--backbone', action='store_true', help='features only (no classifier), as in det/seg')
     ap.add_argument('--grad-checkpointing', action='store_true',
                     help='recompute each block in the backward (timm set_grad_checkpointing): memory for time')
-    lean = ap.add_mutually_exclusive_group()
-    lean.add_argument('--lean', dest='lean', action='store_const', const=True, default=None,
-                      help="OverLoCK with lean=True, the classifier's default (--backbone defaults to 'max')")
-    lean.add_argument('--no-lean', dest='lean', action='store_const', const=False,
-                      help="OverLoCK's training form through plain modules (no recomputation; more memory)")
-    lean.add_argument('--lean-max', dest='lean', action='store_const', const='max',
-                      help="OverLoCK with lean='max' (the MLPs keep no hidden map: less memory, more time)")
+    accel = ap.add_mutually_exclusive_group()  # default: overlock_core.accel.auto_config, as the launchers
+    accel.add_argument('--plain', dest='accel', action='store_const', const='off', default=None,
+                       help='OverLoCK in the paper form (no accelerated modules)')
+    accel.add_argument('--lean', dest='accel', action='store_const', const=dict(lean=True),
+                       help='OverLoCK accelerated with lean=True')
+    accel.add_argument('--no-lean', dest='accel', action='store_const', const=dict(lean=False),
+                       help='OverLoCK accelerated without recomputation (more memory)')
+    accel.add_argument('--lean-max', dest='accel', action='store_const', const=dict(lean='max'),
+                       help="OverLoCK accelerated with lean='max' (the MLPs keep no hidden map: less memory)")
     ap.add_argument('--profile', type=int, default=0, metavar='N',
                     help='also profile one step of each model and print its N costliest operators (self time)')
     ap.add_argument('--compile', action='store_true',
@@ -604,14 +618,12 @@ def main(argv=None):
               f"{', channels_last' if args.channels_last else ''}{', backbone only' if args.backbone else ''}"
               f"{', gradient checkpointing' if args.grad_checkpointing else ''}"
               f"{', torch.compile' if args.compile else ''}"
-              f"{', OverLoCK without recomputation (--no-lean)' if args.lean is False else ''}"
-              f"{', OverLoCK lean=max' if args.lean == 'max' else ''}"
-              f"{', OverLoCK lean=True' if args.lean is True else ''}")
+              f", OverLoCK {_accel_name(args.accel, args.backbone, args.device)}")
         print(f"{'model':18}{'mode':7}{'ms/step':>10}{'img/s':>9}{'peak MiB':>10}{'params M':>10}{'spread':>10}")
         args.models = args.models or DEFAULT_MODELS
         results: Dict = {}
         spec = dict(common, size=[h, w], dtype=args.dtype, channels_last=args.channels_last, backbone=args.backbone,
-                    grad_checkpointing=args.grad_checkpointing, lean=args.lean, compile=args.compile,
+                    grad_checkpointing=args.grad_checkpointing, accel=args.accel, compile=args.compile,
                     optimizer=args.optimizer)
         for _ in range(args.repeats):  # models alternate, so a slow spell of the machine hits each of them
             for model in args.models:

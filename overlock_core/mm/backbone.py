@@ -25,9 +25,9 @@ from mmengine.logging import MMLogger, print_log
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from overlock_core.accel import accelerate, resolve
 from overlock_core.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_weights
 from overlock_core.models import OverLoCK
-from overlock_core.models.overlock import DENSE_LEAN
 
 __all__ = ['OverLoCKBackbone', 'load_backbone_weights']
 
@@ -92,13 +92,15 @@ class OverLoCKBackbone(OverLoCK):
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH, prefix=None, use_ema=False)``; see the module
             docstring (``use_ema`` picks ``state_dict_ema`` of a timm/our classification checkpoint).
         pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``.
-        **kwargs: further :class:`OverLoCK` arguments (``kernel_sizes``, ``use_context``, ``mixer``, ...);
-            ``lean`` defaults to ``DENSE_LEAN`` ('max': no hidden MLP map kept at dense sizes).
+        accel: the faster module forms of ``overlock_core.accel``: 'auto' (on a machine without CUDA the
+            accelerated forms with ``lean='max'``, no hidden MLP map kept at dense sizes; the paper form otherwise),
+            'off', or a dict such as ``dict(lean=True)``. Results are the same either way.
+        **kwargs: further :class:`OverLoCK` arguments (``kernel_sizes``, ``use_context``, ``mixer``, ...).
     """
 
     def __init__(self, arch: Union[str, dict] = 't', dense: str = 'det', out_indices: Sequence[int] = (0, 1, 2, 3),
                  drop_path_rate: float = 0.2, frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
-                 init_cfg: Optional[dict] = None, pretrained: Optional[str] = None, **kwargs):
+                 init_cfg: Optional[dict] = None, pretrained: Optional[str] = None, accel='auto', **kwargs):
         if dense not in ('det', 'seg'):
             raise ValueError(f"dense must be 'det' or 'seg', got {dense!r}")
         out_indices = tuple(int(i) % 4 for i in out_indices)
@@ -114,7 +116,7 @@ class OverLoCKBackbone(OverLoCK):
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         if init_cfg is not None and not isinstance(init_cfg, dict):
             raise TypeError(f'init_cfg must be a dict or None, got {type(init_cfg).__name__}')
-        kwargs.setdefault('lean', DENSE_LEAN)
+        accel = resolve(accel, dense=True)
         super().__init__(arch, num_classes=0, dense=dense, out_indices=out_indices, drop_path_rate=drop_path_rate,
                          **kwargs)
         self.arch_name = arch
@@ -125,6 +127,7 @@ class OverLoCKBackbone(OverLoCK):
         if with_cp:
             self.set_grad_checkpointing(True)
         self._freeze_stages()
+        accelerate(self, accel)
 
     # ------------------------------------------------------------------------------------------------------------
     @property

@@ -1,18 +1,20 @@
-"""Building blocks of OverLoCK. Module and parameter names follow the authors' state_dict layout (spec B.8) so
-their released checkpoints load unchanged; indices inside the nn.Sequential containers are part of that layout."""
-from typing import Dict, Optional, Sequence, Tuple, Union
+"""Building blocks of OverLoCK, in the paper's form: each forward is written out step by step in standard PyTorch
+modules and three named operators (``ops.dw_conv2d``, ``ops.grn``, ``ops.kernel_av``: the depth-wise convolution,
+the global response norm and ContMix's aggregation), which pick their kernels by device inside ``ops``.
+
+Module and parameter names follow the authors' state_dict layout so that their released checkpoints load unchanged;
+indices inside the nn.Sequential containers are part of that layout. The faster training and CPU forms of these
+modules (same parameters, same results) are a separate layer: ``overlock_core.accel``."""
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, register_notrace_function, register_notrace_module
 
-from ..export import plain_forward, plain_ops_active
-from ..ops import (bn_act, bn_branch_sum, conv_mlp, dense_dilated, dilate_and_pad, dw_bn_act_conv, dw_conv2d,
-                   gated_bn_conv, grn, image_groups, kernel_av)
-from ..ops.recompute import _format
+from ..ops import dilate_and_pad, dw_conv2d, grn, kernel_av
 
-# DilatedReparamBlock branches per large kernel: (kernel, dilation), from UniRepLKNet (spec B.3).
+# DilatedReparamBlock branches per large kernel: (kernel, dilation), as in UniRepLKNet.
 DRB_BRANCHES: Dict[int, Tuple[Tuple[int, int], ...]] = {
     19: ((5, 1), (7, 1), (9, 1), (9, 2), (3, 4), (3, 5), (3, 7)),
     17: ((5, 1), (7, 1), (9, 2), (3, 4), (3, 5), (3, 7)),
@@ -26,37 +28,6 @@ DRB_BRANCHES: Dict[int, Tuple[Tuple[int, int], ...]] = {
 }
 
 
-def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """fresh + other, in place when that keeps the result's dtype (``fresh`` must be a new tensor no autograd node
-    saved): one full-size allocation less per residual; under autocast a bf16 branch plus an fp32 stream stays fp32.
-    Traced or exported, a plain add (the same values)."""
-    if plain_forward():
-        return fresh + other
-    if torch.promote_types(fresh.dtype, other.dtype) == fresh.dtype:
-        return fresh.add_(other)
-    return fresh + other
-
-
-class Lean:
-    """Mixin: ``lean`` (default True; ``OverLoCK.set_lean``) runs the module's training form through the recomputing
-    functions of ``ops.recompute`` (about 2x less activation memory, a few % more compute; 'max' also recomputes
-    the MLPs' first 1x1 conv instead of keeping its output). They apply while gradients are recorded and the model
-    is not being compiled (the compiler plans its own recomputation) nor traced or exported (``plain_forward``: the
-    plain modules compute the same values)."""
-    lean: Union[bool, str] = True
-
-    def recompute(self) -> Union[bool, str]:
-        """The lean level in effect now (True, 'max'), or False."""
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or plain_forward():
-            return False
-        return self.lean
-
-
-def plain_bn(bn: nn.Module) -> bool:
-    """A BatchNorm2d normalising with its batch statistics on this process (not SyncBatchNorm, not frozen)."""
-    return type(bn) is nn.BatchNorm2d and bn.training and bn.affine
-
-
 class InferenceFold:
     """Mixin: ``reparameterize()`` (what ``timm.utils.reparameterize_model`` calls) gives the module's inference form,
     in place: its DilatedReparamBlocks merged and its BatchNorms folded into their convs (``fuse_for_inference``)."""
@@ -66,113 +37,34 @@ class InferenceFold:
 
 
 class FoldingSequential(InferenceFold, nn.Sequential):
-    """nn.Sequential (same state_dict and forward) whose inference form folds its BatchNorms: the classifier head,
-    which no block owns."""
-
-
-class Chain(InferenceFold, Lean, nn.Sequential):
-    """nn.Sequential (same state_dict) that, in training, runs each BatchNorm2d followed by GELU or SiLU as one
-    recomputing function (``ops.bn_act``): the BatchNorm output is not kept. A depth-wise 3x3 before the pair and a
-    1x1 conv after it join the function (``ops.dw_bn_act_conv``): neither the BatchNorm input nor the activation
-    output is kept."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mods, i = list(self), 0
-        while i < len(mods):
-            act = _act_name(mods[i + 2]) if i + 3 < len(mods) else None
-            if act and self.recompute() and _dw3x3(mods[i]) and plain_bn(mods[i + 1]) and _conv1x1(mods[i + 3]):
-                x = dw_bn_act_conv(x, mods[i], mods[i + 1], act, mods[i + 3])
-                i += 4
-                continue
-            act = _act_name(mods[i + 1]) if i + 1 < len(mods) else None
-            if act and plain_bn(mods[i]) and self.recompute():
-                x = bn_act(x, mods[i], act)
-                i += 2
-            else:
-                x = mods[i](x)
-                i += 1
-        return x
-
-
-def _plain_ln(m: Optional[nn.Module]) -> bool:
-    """A timm LayerNorm2d on its plain kernel (``bn_branch_sum`` reproduces exactly that)."""
-    return type(m) is LayerNorm2d and m.elementwise_affine and not getattr(m, '_fast_norm', False)
-
-
-def _act_name(m: nn.Module) -> Optional[str]:
-    if isinstance(m, nn.SiLU):
-        return 'silu'
-    return 'gelu' if isinstance(m, nn.GELU) and m.approximate == 'none' else None
-
-
-def _dw3x3(m: nn.Module) -> bool:
-    return type(m) is DWConv2d and m.kernel_size == (3, 3) and m.dilation == (1, 1)
-
-
-def _conv1x1(m: nn.Module) -> bool:
-    return type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1 \
-        and m.padding == (0, 0)
-
-
-def mlp(seq: Sequence[nn.Module], x: torch.Tensor, lean: Union[bool, str],
-        se: Optional['SEModule'] = None) -> torch.Tensor:
-    """The MLP chain [1x1 conv, GELU, ResDWConv, GRN, 1x1 conv], after ``se`` if given: when ``lean``, one
-    recomputing function that keeps x and one hidden map (none when ``lean`` is 'max') instead of the scaled x and
-    four hidden maps. Both forms run large CPU maps in groups of images (``ops.image_groups``)."""
-    conv1, act, dw, norm, conv2 = seq
-    if not lean or act.approximate != 'none':
-        def chain(t: torch.Tensor) -> torch.Tensor:
-            return conv2(norm(dw(act(conv1(t if se is None else se(t))))))
-        # traced or exported: one group (image_groups branches on the device and map size)
-        whole = torch.is_grad_enabled() or plain_forward()
-        groups = [slice(None)] if whole else image_groups(x, conv1.out_channels)
-        return chain(x) if len(groups) == 1 else torch.cat([chain(x[s]) for s in groups])
-    residual = torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64)
-    wdw = dw.weight if residual else dw.weight + dw.centre
-    return conv_mlp(x, conv1.weight, conv1.bias, wdw, dw.bias, norm.gamma, norm.beta, conv2.weight, conv2.bias,
-                    residual, scale=None if se is None else se.scale(x), keep_hidden=lean != 'max')
+    """nn.Sequential (same state_dict and forward) whose inference form folds its BatchNorms into their convs: the
+    stem, the down-sampling layers, the head and the Focus blocks' fusion and gate."""
 
 
 def layer_norm(dim: int) -> nn.Module:
     return LayerNorm2d(dim, eps=1e-6)
 
 
-@register_notrace_module  # torch.fx: a leaf (dw_conv2d branches on device, layout and size)
+@register_notrace_module  # torch.fx: a leaf (``dw_conv2d`` picks its kernel by device and size)
 class DWConv2d(nn.Conv2d):
-    """Depth-wise 'same' conv (a plain nn.Conv2d in the state_dict) that runs through ``dw_conv2d``, whose CPU
-    backward is many times faster than PyTorch's for the large kernels used here; ``F.conv2d`` while exported
-    (``plain_ops_active``)."""
+    """Depth-wise 'same' convolution (a plain nn.Conv2d in the state_dict) through the ``dw_conv2d`` operator."""
 
     def __init__(self, dim: int, kernel_size: int, dilation: int = 1, bias: bool = True):
         super().__init__(dim, dim, kernel_size, padding=dilation * (kernel_size - 1) // 2, dilation=dilation,
                          groups=dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._dw(x, self.weight)
-
-    def _dw(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if plain_ops_active():
-            return F.conv2d(x, weight, self.bias, padding=self.padding, dilation=self.dilation, groups=self.groups)
-        return dw_conv2d(x, weight, self.bias, self.dilation[0])
+        return dw_conv2d(x, self.weight, self.bias, self.dilation[0])
 
 
 class ResDWConv(DWConv2d):
-    """x + DW3x3(x): a depth-wise conv with an identity shortcut (keeps the plain conv's parameter names).
-
-    In full precision the shortcut is folded into the kernel's centre tap (one conv, no full-size add; gradients
-    are unchanged). Under autocast the kernel would be rounded to 16 bits after the fold, losing most of its
-    precision next to the 1, so the shortcut is added separately there."""
+    """x + DW3x3(x): a depth-wise conv with an identity shortcut (the plain conv's parameter names)."""
 
     def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__(dim, kernel_size)
-        centre = torch.zeros(1, 1, kernel_size, kernel_size)
-        centre[..., kernel_size // 2, kernel_size // 2] = 1
-        self.register_buffer('centre', centre, persistent=False)  # the identity as a kernel (not in the state_dict)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64):
-            return add_into(super().forward(x), x)
-        return self._dw(x, self.weight + self.centre)
+        return x + super().forward(x)
 
 
 class LayerScale(nn.Module):
@@ -187,7 +79,7 @@ class LayerScale(nn.Module):
         return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
 
 
-@register_notrace_module  # torch.fx: a leaf (``grn`` is an autograd function)
+@register_notrace_module  # torch.fx: a leaf (``grn`` picks its kernel by device and layout)
 class GRN(nn.Module):
     """ConvNeXt-V2 global response norm. The L2 norm is computed in fp32: in fp16 the sum of squares over a large
     map overflows, which is what made the authors' AMP runs produce NaN losses."""
@@ -210,17 +102,8 @@ class SEModule(nn.Module):
         self.proj = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, hidden, 1), nn.GELU(),
                                   nn.Conv2d(hidden, dim, 1), nn.Sigmoid())
 
-    def scale(self, x: torch.Tensor) -> torch.Tensor:
-        """``proj(x)``, (N, C, 1, 1), with the 1x1 convs on the pooled vectors as matmuls: the convolution kernels
-        (and AdaptiveAvgPool2d on channels-last maps) cost 0.1-0.5 ms a call on 1x1 maps; a stage-1 SE's training
-        step 4.3 -> 1.7 ms."""
-        _, fc1, act, fc2, gate = self.proj
-        v = x.mean((2, 3))
-        v = F.linear(act(F.linear(v, fc1.weight.flatten(1), fc1.bias)), fc2.weight.flatten(1), fc2.bias)
-        return gate(v)[:, :, None, None]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale(x)
+        return x * self.proj(x)
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -280,7 +163,7 @@ def fuse_for_inference(module: nn.Module) -> nn.Module:
     return module
 
 
-class DilatedReparamBlock(Lean, nn.Module):
+class DilatedReparamBlock(nn.Module):
     """Depth-wise K x K conv plus parallel dilated small-kernel branches, each with its own BN (UniRepLKNet).
     ``reparameterize()`` folds everything into one K x K depth-wise conv with bias (the deploy form)."""
 
@@ -298,20 +181,16 @@ class DilatedReparamBlock(Lean, nn.Module):
                 self.add_module(f'dil_conv_k{k}_{r}', DWConv2d(dim, k, r, bias=False))
                 self.add_module(f'dil_bn_k{k}_{r}', nn.BatchNorm2d(dim))
 
-    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
-        """``norm``: the LayerNorm in front of the block, run inside the lean function (its output not kept)."""
-        if self.deploy:
-            return self.lk_origin(x if norm is None else norm(x))
+    def convs_and_norms(self) -> Tuple[List[nn.Conv2d], List[nn.BatchNorm2d]]:
+        """The large kernel then the dilated branches, each with its BatchNorm (training form only)."""
         convs = [self.lk_origin] + [getattr(self, f'dil_conv_k{k}_{r}') for k, r in self.branches]
         bns = [self.origin_bn] + [getattr(self, f'dil_bn_k{k}_{r}') for k, r in self.branches]
-        if self.recompute() and all(plain_bn(bn) for bn in bns):  # keeps x alone, not one map per branch
-            cpu = x.device.type == 'cpu'  # dense form of wide dilated kernels on small maps (see ops.dwconv)
-            weights, dilations = zip(*(dense_dilated(c.weight, c.dilation[0], x) if cpu else (c.weight, c.dilation[0])
-                                       for c in convs))
-            if norm is not None and not _plain_ln(norm):
-                x, norm = norm(x), None
-            return bn_branch_sum(x, weights, dilations, bns, norm)
-        x = x if norm is None else norm(x)
+        return convs, bns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deploy:
+            return self.lk_origin(x)
+        convs, bns = self.convs_and_norms()
         out = bns[0](convs[0](x))
         for conv, bn in zip(convs[1:], bns[1:]):
             out = out + bn(conv(x))
@@ -337,8 +216,9 @@ class DilatedReparamBlock(Lean, nn.Module):
         self.deploy = True
 
 
-class RepConvBlock(InferenceFold, Lean, nn.Module):
-    """Base-Net / Overview-Net block (spec B.2). The layer scale multiplies the shortcut, the branch is dropped."""
+class RepConvBlock(InferenceFold, nn.Module):
+    """Base-Net / Overview-Net block: a residual depth-wise 3x3, then a DilatedReparamBlock, SE and a GRN MLP
+    on the layer-scaled shortcut (the layer scale multiplies the shortcut, the branch is dropped)."""
 
     def __init__(self, dim: int, kernel_size: int, mlp_ratio: float = 4, ls_init_value: Optional[float] = None,
                  drop_path: float = 0., deploy: bool = False):
@@ -353,9 +233,7 @@ class RepConvBlock(InferenceFold, Lean, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
-        p = self.proj
-        y = p[9](mlp(p[4:9], p[2](p[1](x, norm=p[0])), self.recompute(), se=p[3]))  # p[3]: SE, p[4:9]: MLP
-        return add_into(y, self.ls(x))
+        return self.ls(x) + self.proj(x)  # proj: LN, DRB, BN, SE, 1x1 conv, GELU, ResDWConv, GRN, 1x1 conv, DropPath
 
 
 class ContextDownsample(InferenceFold, nn.Module):
@@ -372,7 +250,7 @@ class ContextDownsample(InferenceFold, nn.Module):
 
 def contmix_size(h: int, w: int, kernel_size: int) -> Tuple[int, int]:
     """The map size ContMix works at: the small-map rule raises the short side to K so that a K x K window fits
-    (spec B.4 step 5); maps at least K wide keep their size."""
+    (as the authors' model does); maps at least K wide keep their size."""
     if min(h, w) >= kernel_size:
         return h, w
     return (kernel_size, int(kernel_size / h * w)) if h < w else (int(kernel_size / w * h), kernel_size)
@@ -396,7 +274,7 @@ def contmix_unfit(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(out, like.shape[-2:])
 
 
-@register_notrace_function  # torch.fx: a leaf (``kernel_av`` is an autograd function; dtype arithmetic)
+@register_notrace_function  # torch.fx: a leaf (``kernel_av`` picks its kernel by device; dtype arithmetic)
 def contmix_av(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor, value: torch.Tensor,
                kernel_size: int) -> torch.Tensor:
     """``kernel_av`` with the bias terms in >= fp32: the bias and the softmax run there (fp16 overflows)."""
@@ -404,49 +282,8 @@ def contmix_av(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.T
     return kernel_av(q, kw, rpb.to(acc), pb.to(acc), value, kernel_size)
 
 
-@register_notrace_function  # torch.fx: a leaf (item assignment)
-def join_channels(like: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[a, b] along the channels, written into a map laid out like ``like`` (torch.cat would make it NCHW, and the
-    block's later CPU kernels are slower on maps of mixed layouts); torch.cat while exported."""
-    if plain_ops_active():
-        return torch.cat([a, b], dim=1)
-    out = torch.empty_like(like)
-    out[:, :a.shape[1]] = a
-    out[:, a.shape[1]:] = b
-    return out
-
-
-class _ChannelSplit(torch.autograd.Function):
-    """x (B, C, H, W) -> x[:, :k], x[:, k:] (made contiguous when asked: ContMix's value maps), whose gradient comes
-    back as one map in x's memory layout. Autograd's slice backward would build it NCHW (zero-filled, then added),
-    which mixes the layouts of a Focus block's gradients: a block ran ~2% slower on the CPU."""
-
-    @staticmethod
-    def forward(ctx, x, k, contiguous):
-        ctx.k, ctx.shape, ctx.fmt = k, x.shape, _format(x)  # channels-last or contiguous
-        a, b = x[:, :k], x[:, k:]
-        return (a.contiguous(), b.contiguous()) if contiguous else (a, b)
-
-    @staticmethod
-    def backward(ctx, ga, gb):
-        like = ga if ga is not None else gb
-        g = torch.empty(ctx.shape, dtype=like.dtype, device=like.device, memory_format=ctx.fmt)
-        for part, grad in ((g[:, :ctx.k], ga), (g[:, ctx.k:], gb)):
-            part.zero_() if grad is None else part.copy_(grad)
-        return g, None, None
-
-
-def split_channels(x: torch.Tensor, k: int, contiguous: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x[:, :k], x[:, k:]) with the gradient assembled in x's layout (see ``_ChannelSplit``); plain slices while
-    traced or exported."""
-    if plain_forward():
-        a, b = x[:, :k], x[:, k:]
-        return (a.contiguous(), b.contiguous()) if contiguous else (a, b)
-    return _ChannelSplit.apply(x, k, contiguous)
-
-
-class DynamicConvBlock(InferenceFold, Lean, nn.Module):
-    """Focus-Net block with ContMix (spec B.4).
+class DynamicConvBlock(InferenceFold, nn.Module):
+    """Focus-Net block with ContMix.
 
     ContMix: the query comes from the feature part of the normalised input, the key from 7x7 adaptive-pooled region
     centres of the context part; each head's pixel-to-centre affinities (49 values) are mapped by ``weight_proj`` to a
@@ -478,7 +315,7 @@ class DynamicConvBlock(InferenceFold, Lean, nn.Module):
             self.h_scale = LayerScale(ctx_dim, 1.0)
         self.dwconv1 = ResDWConv(out_dim)
         self.norm1 = layer_norm(out_dim)
-        self.fusion = Chain(
+        self.fusion = FoldingSequential(
             DWConv2d(out_dim, 3), nn.BatchNorm2d(out_dim), nn.GELU(),
             nn.Conv2d(out_dim, dim, 1), GRN(dim))
         if mixer == 'contmix':
@@ -493,7 +330,7 @@ class DynamicConvBlock(InferenceFold, Lean, nn.Module):
         self.dyconv_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
         self.lepe = nn.Sequential(DilatedReparamBlock(dim, kernel_size, deploy), nn.BatchNorm2d(dim))
         self.se_layer = SEModule(dim)
-        self.gate = Chain(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
+        self.gate = FoldingSequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
         self.proj = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
         self.ls1 = LayerScale(out_dim, ls_init_value)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -528,33 +365,33 @@ class DynamicConvBlock(InferenceFold, Lean, nn.Module):
             value = value.reshape(b * g, head_dim, hh, ww)
             return contmix_av(query.transpose(-2, -1), kw, rpb, proj_b[rows], value, k)
 
-        v_small, v_large = split_channels(f, c // 2, contiguous=True)
+        v_small, v_large = self.split(f, c // 2)
         out_small = aggregate(slice(0, sk * sk), self.rpb1, v_small, sk)
         out_large = aggregate(slice(sk * sk, None), self.rpb2, v_large, ks)
-        out = join_channels(f, out_small.reshape(b, c // 2, hh, ww), out_large.reshape(b, c // 2, hh, ww))
+        out = self.join(f, out_small.reshape(b, c // 2, hh, ww), out_large.reshape(b, c // 2, hh, ww))
         return contmix_unfit(out, f0)
 
+    def split(self, f: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The value maps of the two kernels: channels [0, k) and [k, C) of f."""
+        return f[:, :k], f[:, k:]
+
+    def join(self, like: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The two aggregated halves as one map."""
+        return torch.cat([a, b], dim=1)
+
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_ref: torch.Tensor):
-        if not self.is_first:
-            # ctx is a channel slice of the previous block's output: scaling a copy lets autograd keep that copy
-            # (Cc channels) for the scale's gradient instead of the whole previous output. clone() keeps the slice's
-            # layout (a contiguous() copy of a channels-last slice would turn the block's maps NCHW, whose 3x3
-            # depth-wise backward is ~10x slower on the CPU)
-            ctx = self.x_scale(ctx.clone() if torch.is_grad_enabled() else ctx) + self.h_scale(ctx_ref)
+        """x: the Focus-Net feature, ctx: the context from the previous block, ctx_ref: the context prior P0 at this
+        stage's size. Returns (feature, context), or the [feature, context] map from the stage's last block."""
+        if not self.is_first:  # context flow: the previous block's context plus the prior, each layer-scaled
+            ctx = self.x_scale(ctx) + self.h_scale(ctx_ref)
         z = self.dwconv1(torch.cat([x, ctx], dim=1))
-        identity = z
         zn = self.norm1(z)
         f = self.fusion(zn)
-        gate = self.gate(f)
-        lepe = self.lepe(f)
-        y = add_into(self.dyconv_proj(self.contmix(f, zn)), lepe)
-        if self.recompute() and plain_bn(self.proj[0]):
-            y = gated_bn_conv(y, self.se_layer.scale(y), gate, self.proj[0], self.proj[1])
-        else:
-            y = self.proj(gate * self.se_layer(y))
-        z = add_into(self.ls1(identity), self.drop_path(y))
+        y = self.dyconv_proj(self.contmix(f, zn)) + self.lepe(f)  # ContMix plus the large-kernel conv (LEPE)
+        y = self.proj(self.gate(f) * self.se_layer(y))
+        z = self.ls1(z) + self.drop_path(y)
         z = self.dwconv2(z)
-        z = add_into(self.ls2(z), self.drop_path(mlp(self.mlp, self.norm2(z), self.recompute())))
+        z = self.ls2(z) + self.drop_path(self.mlp(self.norm2(z)))
         if self.is_last:
             return z
-        return split_channels(z, self.dim)
+        return z[:, :self.dim], z[:, self.dim:]

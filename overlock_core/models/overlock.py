@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import register_notrace_function, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import FeatureGetterNet, feature_take_indices
 
-from .layers import (Chain, ContextDownsample, DilatedReparamBlock, DynamicConvBlock, FoldingSequential, GRN,
-                     LayerScale, Lean, RepConvBlock, layer_norm)
+from .layers import (ContextDownsample, DilatedReparamBlock, DynamicConvBlock, FoldingSequential, LayerScale,
+                     RepConvBlock, layer_norm)
 
 # The extended no-decay policy (opt-in): the >1-d parameters that are not kernels (layer scales, GRN gamma/beta,
 # relative position tables); timm's rule already exempts 1-d tensors and biases.
@@ -77,31 +77,15 @@ def dense_channels(arch: Union[str, Dict[str, Any]]) -> List[int]:
 
 def _stem(in_chans: int, dim: int) -> nn.Sequential:
     half = dim // 2
-    return Chain(
+    return FoldingSequential(
         nn.Conv2d(in_chans, half, 3, 2, 1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
         nn.Conv2d(half, half, 3, 1, 1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
         nn.Conv2d(half, dim, 3, 2, 1, bias=False), nn.BatchNorm2d(dim), nn.GELU(),
         nn.Conv2d(dim, dim, 3, 1, 1, bias=False), nn.BatchNorm2d(dim))
 
 
-def _nchw_on_cpu(x: torch.Tensor) -> bool:
-    return x.device.type == 'cpu' and not x.is_contiguous(memory_format=torch.channels_last)
-
-
-@register_notrace_function  # torch.fx: a leaf (branches on device and layout)
-def stem_layout(x: torch.Tensor) -> torch.Tensor:
-    """The stem's input channels-last on the CPU (``OverLoCK._stem``)."""
-    return x.contiguous(memory_format=torch.channels_last) if _nchw_on_cpu(x) else x
-
-
-@register_notrace_function  # torch.fx: a leaf (branches on device and layout)
-def stem_layout_back(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The stem's output in the layout of its input x."""
-    return y.contiguous() if _nchw_on_cpu(x) else y
-
-
 def _downsample(in_dim: int, out_dim: int) -> nn.Sequential:
-    return Chain(nn.Conv2d(in_dim, out_dim, 3, 2, 1, bias=False), nn.BatchNorm2d(out_dim))
+    return FoldingSequential(nn.Conv2d(in_dim, out_dim, 3, 2, 1, bias=False), nn.BatchNorm2d(out_dim))
 
 
 class OverLoCK(nn.Module):
@@ -119,8 +103,6 @@ class OverLoCK(nn.Module):
         deploy: build the re-parameterised form directly (to load ``*_reparam`` checkpoints).
         use_context: False feeds the Focus-Net a zero context (ablation "without Overview-Net context").
         mixer: 'contmix' or 'static' (ablation: ContMix replaced by a static depth-wise K x K conv).
-        lean: memory-lean training form (see ``set_lean``): True, 'max' or False (the plain modules). Dense
-            backbones (``features_only=True``, ``OverLoCKBackbone``) default to ``DENSE_LEAN`` ('max').
         **arch_overrides: any key of the variant table (depths, sub_depths, dims, kernel_sizes, smk_size,
             sub_num_heads, mlp_ratio, sub_mlp_ratio, ls_init_values, projection).
     """
@@ -129,7 +111,7 @@ class OverLoCK(nn.Module):
                  global_pool: str = 'avg', drop_rate: float = 0., drop_path_rate: float = 0., aux_head: bool = False,
                  dense: Optional[str] = None, out_indices: Sequence[int] = (0, 1, 2, 3), deploy: bool = False,
                  use_context: bool = True, mixer: str = 'contmix', grad_checkpointing: bool = False,
-                 lean: Union[bool, str] = True, **arch_overrides):
+                 **arch_overrides):
         super().__init__()
         if dense not in (None, 'det', 'seg'):
             raise ValueError(f"dense must be None, 'det' or 'seg', got {dense!r}")
@@ -188,7 +170,6 @@ class OverLoCK(nn.Module):
         self.feature_info = [dict(num_chs=c, reduction=r, module=m) for c, r, m in zip(
             dense_channels(cfg), (4, 8, 16, 32), ('blocks1', 'blocks2', 'sub_blocks3', 'sub_blocks4'))]
         self.apply(self._init_weights)
-        self.set_lean(lean)
 
     @staticmethod
     def _classifier(in_dim: int, num_classes: int) -> nn.Module:
@@ -224,19 +205,6 @@ class OverLoCK(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def set_lean(self, enable: Union[bool, str] = True) -> None:
-        """Memory-lean training form (default on): BatchNorm branches, the MLP chains, the gated output projection and
-        BatchNorm + activation pairs keep one input map each and recompute the rest in the backward (about half
-        the activation memory of plain autograd, a few % more compute; results are identical). 'max': the MLPs keep
-        no hidden-width map either and run their first 1x1 conv again (a quarter less again, ~5% more time; results
-        identical). False: plain modules."""
-        if enable not in (True, False, 'max'):
-            raise ValueError(f"lean must be True, False or 'max', got {enable!r}")
-        for m in self.modules():
-            if isinstance(m, Lean):
-                m.lean = enable
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -286,11 +254,6 @@ class OverLoCK(nn.Module):
             x = self._run(blk, x)
         return x
 
-    def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        """On the CPU the stem's dense 3x3 convs run channels-last (oneDNN's backward there is up to 2x faster;
-        the whole stem fwd+bwd 12% faster at 224, conversions included); its output is handed on in x's layout."""
-        return stem_layout_back(self.patch_embed1(stem_layout(x)), x)
-
     def _forward_all(self, x: torch.Tensor, last: int = 3, norm: bool = False
                      ) -> Tuple[List[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
         """Run the network; returns the four maps up to index ``last``, the last of them before any output norm (the
@@ -301,7 +264,7 @@ class OverLoCK(nn.Module):
         ``norm`` (dense forms only) returns the maps through their output LayerNorms (``h_proj`` added to map 3)."""
         norm = norm and self.extra_norm is not None
         maps = []
-        x = self._stage(self.blocks1, self._stem(x))
+        x = self._stage(self.blocks1, self.patch_embed1(x))
         maps.append(self.extra_norm[0](x) if norm else x)
         x = self._stage(self.blocks2, self.patch_embed2(x))
         if self.extra_norm is not None:  # the dense data flow: LN(stage 2) is output 1 and stage 3's input
@@ -398,11 +361,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: OverLoCK) -
     return adapt_state_dict(state_dict, model)
 
 
-# Dense backbones train at detection/segmentation sizes, where activation memory binds: their MLPs keep no hidden
-# map either (identical results, a little more time; docs/performance.md has the figures).
-DENSE_LEAN = 'max'
-
-
 def _create_overlock(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
     """timm's builder, with weights from a local file only and ``features_only`` through ``forward_intermediates``.
 
@@ -424,7 +382,6 @@ def _create_overlock(variant: str, pretrained: bool = False, **kwargs) -> OverLo
                              f"stages to hook or flatten")
         feature_cfg['feature_cls'] = feature_cls
         feature_cfg.update({k: kwargs.pop(k) for k in ('output_fmt', 'norm') if k in kwargs})
-        kwargs.setdefault('lean', DENSE_LEAN)
     # Weights are loaded by our safe loader (weights_only, key adaptation, clear mismatch report), not timm's.
     model = build_model_with_cfg(OverLoCK, variant, pretrained=False, feature_cfg=feature_cfg, **kwargs)
     if pretrained:

@@ -4,7 +4,7 @@ extension tools and cached per machine, so later processes only load them.
 The build happens once per source version, torch version and CPU (the code is compiled for the CPU it runs
 on, so a cache shared by different nodes keeps one build per kind of CPU) in ``$OVERLOCK_CACHE/ext`` (default
 ``~/.cache/overlock/ext``); ``make setup`` does it up front (``build``).
-``OVERLOCK_CPU_EXT=0`` switches the kernels off. Without a C++ compiler, or if the build fails, the PyTorch
+``KERNELS.cpu_ext`` (``ops.config``; ``OVERLOCK_CPU_EXT=0``) switches the kernels off. Without a C++ compiler, or if the build fails, the PyTorch
 formulation runs instead, after one warning naming the build log.
 """
 import functools
@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from .config import KERNELS
+
 __all__ = ['build', 'enabled', 'get', 'load']
 
 SOURCE = Path(__file__).resolve().parent.parent / 'csrc' / 'kernel_av.cpp'
@@ -27,7 +29,7 @@ CFLAGS = ['-O3', '-fno-trapping-math', '-fopenmp', '-std=c++20', '-march=native'
 
 
 def enabled() -> bool:
-    return os.environ.get('OVERLOCK_CPU_EXT', '1') != '0'
+    return KERNELS.cpu_ext
 
 
 def get() -> Optional[object]:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ..export import plain_ops_active
 from . import triton_dwconv
 from .grn import _channels_last, _laid_out_like
 
@@ -285,7 +286,11 @@ def autocast_args(device: str, *tensors: Optional[torch.Tensor]) -> Tuple[Option
 
 def dw_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
               dilation: int = 1) -> torch.Tensor:
-    """Depth-wise convolution, stride 1, 'same' padding d * (K - 1) / 2, odd square kernel (C, 1, K, K)."""
+    """Depth-wise convolution, stride 1, 'same' padding d * (K - 1) / 2, odd square kernel (C, 1, K, K);
+    ``F.conv2d`` while exported (``plain_ops_active``)."""
+    if plain_ops_active():
+        return F.conv2d(x, weight, bias, padding=dilation * (weight.shape[-1] - 1) // 2, dilation=dilation,
+                        groups=weight.shape[0])
     if x.device.type != 'cpu' or (weight.shape[-1] <= 3 and dilation == 1):  # PyTorch's own is fast for 3x3
         if x.is_cuda and triton_dwconv.use_triton(x, weight.shape[-1], dilation):
             return triton_dwconv.depthwise_conv2d(x, weight, bias, dilation)

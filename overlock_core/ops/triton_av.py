@@ -12,11 +12,13 @@ pure gather-and-sum, so one kernel per pass does it straight from the inputs, wi
   K + K // 2 near a border of a map wider than 2K - 1 (the whole map on narrower ones).
 
 Accumulation is fp32 whatever the input dtype. ``TRITON_INTERPRET=1`` runs the same kernels on CPU tensors (the
-test suite does this, so CI checks the kernels without a GPU). ``OVERLOCK_TRITON=0`` turns the kernels off.
+test suite does this, so CI checks the kernels without a GPU). ``KERNELS.triton_av`` (``ops.config``; ``OVERLOCK_TRITON=0``) turns the kernels off.
 """
 import os
 
 import torch
+
+from .config import KERNELS
 
 try:
     import triton
@@ -31,7 +33,7 @@ def available(t: torch.Tensor) -> bool:
     """Whether the kernels serve this tensor: CUDA (or the interpreter), Triton installed, not switched off, and
     not while torch.compile traces (the standalone na2d_av is traced in its PyTorch formulation; ContMix's
     kernel_av reaches the kernels through its custom operator, which runs outside the trace)."""
-    if triton is None or os.environ.get('OVERLOCK_TRITON', '1') == '0' or torch.compiler.is_compiling():
+    if triton is None or not KERNELS.triton_av or torch.compiler.is_compiling():
         return False
     return t.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'
 

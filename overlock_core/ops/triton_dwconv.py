@@ -19,8 +19,8 @@ dilation >= 1, stride 1; fp32, fp16, bf16 (and fp64 through the interpreter). ``
 kernels on CPU tensors, which is how the test suite checks them without a GPU.
 
 Dispatch (``use_triton``, called by ``dwconv.dw_conv2d`` and the training-form functions on CUDA): cuDNN stays the
-default. ``OVERLOCK_TRITON_DWCONV=1`` forces these kernels for every supported convolution on CUDA, ``=0`` forces
-cuDNN; otherwise ``MEASURED[(kernel, dilation, map_bucket(h, w), dtype name)]`` decides, and a missing entry means
+default. ``KERNELS.triton_dwconv`` (``ops.config``; ``OVERLOCK_TRITON_DWCONV=1``) forces these kernels for every
+supported convolution on CUDA, False (``=0``) forces cuDNN; otherwise ``MEASURED[(kernel, dilation, map_bucket(h, w), dtype name)]`` decides, and a missing entry means
 cuDNN. The table is filled from a GPU run of
 
     python tools/benchmark.py --device cuda --ops dwconv --json dwconv.json
@@ -35,6 +35,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .config import KERNELS
+
 try:
     import triton
     import triton.language as tl
@@ -44,7 +46,6 @@ except ImportError:  # CPU-only installs: cuDNN / PyTorch serve every convolutio
 __all__ = ['MEASURED', 'available', 'decide', 'depthwise_conv2d', 'dwconv_backward', 'dwconv_forward',
            'dwconv_input_grad', 'dwconv_weight_grad', 'map_bucket', 'supported', 'use_triton']
 
-ENV = 'OVERLOCK_TRITON_DWCONV'
 DTYPE_NAMES = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}
 MAP_BUCKETS = (16, 32, 64, 128, 256)  # map_bucket: the side of the smallest of these squares holding the map
 
@@ -73,12 +74,11 @@ def map_bucket(h: int, w: int) -> int:
 
 
 def decide(kernel_size: int, dilation: int, hw: Tuple[int, int], dtype: torch.dtype) -> bool:
-    """The dispatch rule without the device checks: the environment switch, else the measured table."""
+    """The dispatch rule without the device checks: ``KERNELS.triton_dwconv`` if set, else the measured table."""
     if not supported(kernel_size, dilation) or dtype not in DTYPE_NAMES:
         return False
-    switch = os.environ.get(ENV)
-    if switch in ('0', '1'):
-        return switch == '1'
+    if KERNELS.triton_dwconv is not None:
+        return KERNELS.triton_dwconv
     return MEASURED.get((kernel_size, dilation, map_bucket(*hw), DTYPE_NAMES[dtype]), False)
 
 
