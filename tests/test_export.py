@@ -115,11 +115,10 @@ def forbid_custom_kernels(monkeypatch):
         raise AssertionError('a custom kernel ran in the plain form')
 
     def forbid():
-        for fn in (accel._ChannelSplit, grn._GRN, neighborhood._KernelAV, neighborhood._AV,
-                   dwconv._DepthwiseConv):
+        for fn in (accel._ChannelSplit, grn._GRN, neighborhood._AV):
             monkeypatch.setattr(fn, 'forward', staticmethod(boom))
         for mod, name in ((accel, 'dw_conv2d'), (neighborhood.cpu_ext, 'get'), (accel, 'image_groups'),
-                          (dwconv, '_layout')):
+                          (dwconv, '_conv'), (neighborhood, '_kernel_av_forward')):
             monkeypatch.setattr(mod, name, boom)
     return forbid
 

@@ -251,21 +251,6 @@ def dw_conv2d_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
     return grad_x, grad_w
 
 
-class _DepthwiseConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int):
-        ctx.save_for_backward(x, weight)
-        ctx.dilation, ctx.has_bias = dilation, bias is not None
-        return _conv(_layout(x, weight.shape[-1], dilation), weight, bias, dilation)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        x, weight = ctx.saved_tensors
-        grad_x, grad_w = dw_conv2d_backward(x, weight, grad, ctx.dilation, ctx.needs_input_grad[:2])
-        grad_b = grad.sum((0, 2, 3)).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
-
-
 def dense_dilated(weight: torch.Tensor, dilation: int, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """(kernel, dilation) to run with gradients recorded on x: on maps up to 16x16 a dilated kernel of 9 taps or
     more as the dense kernel with zeros between its taps (differentiable; gradients reach the taps), whose gradients
@@ -300,13 +285,12 @@ def dw_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     weight, dilation = dense_dilated(weight, dilation, x)
     x, weight, bias = autocast_args('cpu', x, weight, bias)
     with torch.autocast('cpu', enabled=False):
-        if torch.compiler.is_compiling():  # opaque to the compiler: its graph calls the methods above
-            return torch.ops.overlock.dw_conv2d(x, weight, bias, dilation)
-        return _DepthwiseConv.apply(x, weight, bias, dilation)
+        return torch.ops.overlock.dw_conv2d(x, weight, bias, dilation)
 
 
-# The same function as custom operators for torch.compile. Traced, _DepthwiseConv would become aten's depth-wise
-# backward (much slower on the CPU for the large kernels) and its data-pointer tests would break the graph.
+# The CPU method as custom operators with a registered backward: one mechanism for eager mode and torch.compile
+# (traced, the method would become aten's depth-wise backward, much slower on the CPU for the large kernels, and
+# its data-pointer tests would break the graph). Gradients come back laid out like their inputs.
 @torch.library.custom_op('overlock::dw_conv2d', mutates_args=())
 def _dw_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   dilation: int) -> torch.Tensor:
@@ -323,13 +307,14 @@ def _(x, weight, bias, dilation):
 def _dw_conv2d_backward_op(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, dilation: int,
                            need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     gx, gw = dw_conv2d_backward(x, weight, grad, dilation, (need_x, need_w))
-    return (x.new_empty(0) if gx is None else gx.contiguous(),
+    return (x.new_empty(0) if gx is None else _laid_out_like(gx, x),
             weight.new_empty(0) if gw is None else gw.contiguous())
 
 
 @_dw_conv2d_backward_op.register_fake
 def _(x, weight, grad, dilation, need_x, need_w):
-    return x.new_empty(x.shape if need_x else 0), weight.new_empty(weight.shape if need_w else 0)
+    return (_laid_out_like(x.new_empty(x.shape), x) if need_x else x.new_empty(0),
+            weight.new_empty(weight.shape if need_w else 0))
 
 
 def _dw_op_setup(ctx, inputs, output):

@@ -335,27 +335,12 @@ def _kernel_av_backward(q, kw, rpb, pb, v, grad_out, ks, need, path):
     return grad_q, grad_kw, grad_rpb, grad_pb, grad_value
 
 
-class _KernelAV(torch.autograd.Function):
-    """ContMix's dynamic kernel and its aggregation in one function: the kernel (B*G*H*W*K*K values, ten times the
-    aggregated values at K=13) is recomputed in the backward from q and kw, not kept. On CPUs the fused C++ kernels
-    (``cpu_ext``) do both passes pixel by pixel (a stage-3 block's ContMix step 38 -> 29 ms, 800x1280 shapes 1.5-3.5x
-    faster). Without them, on the grouped path the pixels are listed group by group (q's rows reordered, the bias
-    gathered in that order), and both passes work one group at a time (``_grouped_kernel_av``)."""
-
-    @staticmethod
-    def forward(ctx, q, kw, rpb, pb, value, ks):
-        out, saved, ctx.path = _kernel_av_forward(q, kw, rpb, pb, value, ks)
-        ctx.save_for_backward(q, kw, rpb, pb, saved)
-        ctx.ks = ks
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return *_kernel_av_backward(*ctx.saved_tensors, grad_out, ctx.ks, ctx.needs_input_grad, ctx.path), None
-
-
-# kernel_av as custom operators for torch.compile: traced, its per-group loops unroll into thousands of graph nodes
-# (26 min to compile OverLoCK-T's training step on this CPU) and the GPU's Triton kernels would not be used.
+# ContMix's dynamic kernel and its aggregation as custom operators with a registered backward, one mechanism for
+# eager mode and torch.compile (traced, the per-group loops would unroll into thousands of graph nodes and the GPU's
+# Triton kernels would not be used). The kernel (B*G*H*W*K*K values, ten times the aggregated values at K=13) is
+# recomputed in the backward from q and kw, not kept. On CPUs the fused C++ kernels (``cpu_ext``) do both passes
+# pixel by pixel; without them, on the grouped path the pixels are listed group by group (q's rows reordered, the
+# bias gathered in that order), and both passes work one group at a time (``_grouped_kernel_av``).
 @torch.library.custom_op('overlock::kernel_av', mutates_args=())
 def _kernel_av_op(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor, value: torch.Tensor,
                   ks: int) -> torch.Tensor:
@@ -411,9 +396,7 @@ def kernel_av(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Te
     with torch.autocast(dev, enabled=False):
         if plain_ops_active():  # exported or traced: standard operators only
             return kernel_av_plain(q, kw, rpb, pb, value, kernel_size)
-        if torch.compiler.is_compiling():
-            return torch.ops.overlock.kernel_av(q, kw, rpb, pb, value, kernel_size)
-        return _KernelAV.apply(q, kw, rpb, pb, value, kernel_size)
+        return torch.ops.overlock.kernel_av(q, kw, rpb, pb, value, kernel_size)
 
 
 def _plain_windows(length, kernel_size: int, device) -> torch.Tensor:
