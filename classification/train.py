@@ -34,6 +34,7 @@ from classification.common import (amp_dtype, autocast, check_model_name, create
                                    load_model_weights, log, setup_logging)
 from classification.config import load_config, save_config
 from classification.data import build_eval_loader, build_train_loader, check_data_dir, num_batches
+from overlock_core.accel import accelerated
 from overlock_core.checkpoint import save_atomic
 from overlock_core.losses import DeepSupervisionLoss
 
@@ -158,6 +159,8 @@ class Trainer:
         if world > 1 and t['sync_bn'] and device.type == 'cuda':
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(device)
+        accel = accelerated(model)
+        self.form = 'paper form' if accel is None else f'accelerated (lean={accel.lean})'
         self.ema = ModelEmaV3(self.model, decay=t['ema_decay']) if t['ema'] else None
         self.optimizer = create_optimizer_v2(decay_groups(self.model, t), t['opt'], lr=lr,
                                              weight_decay=t['weight_decay'], eps=t['opt_eps'],
@@ -253,7 +256,7 @@ class Trainer:
                  f"{self.device}, global batch {self.total_batch} = {t['batch_size_per_gpu']} x {self.world} x "
                  f"{self.accum} accumulation, lr {self.optimizer.param_groups[0]['lr']:.2e} "
                  f"(peak {self.scheduler.base_values[0]:.2e}), {self.steps_per_epoch} steps/epoch, "
-                 f"{self.num_epochs} epochs, precision {self.dtype or torch.float32}")
+                 f"{self.num_epochs} epochs, precision {self.dtype or torch.float32}, {self.form}")
         metrics = self.resumed_metrics
         self.t_start = time.time()
         while self.epoch < self.num_epochs:
@@ -409,7 +412,7 @@ class Trainer:
                    'ema_top5': metrics.get('ema_top5'), 'params': self.n_params, 'epochs': self.num_epochs,
                    'steps': self.step, 'skipped_steps': self.skipped_steps, 'best': self.best,
                    'precision': str(self.dtype or torch.float32).replace('torch.', ''),
-                   'decay_groups': self.cfg['train']['decay_groups'],
+                   'decay_groups': self.cfg['train']['decay_groups'], 'form': self.form,
                    'train_time_s': round(time.time() - self.t_start, 1), 'world_size': self.world,
                    'rank_state_sha256': hashes}
             with open(os.path.join(self.work_dir, 'results.json'), 'w') as f:

@@ -238,6 +238,8 @@ def test_training_learns_and_validate_reproduces(data, tmp_path):
     for f in ('config.yaml', 'checkpoint-last.pth', 'checkpoint-best.pth', 'checkpoint-best-ema.pth', 'results.json'):
         assert (wd / f).is_file(), f
     assert 'img_size: 32' in (wd / 'config.yaml').read_text()
+    form = json.loads((wd / 'results.json').read_text())['form']  # model.accel: auto
+    assert form == ('paper form' if torch.cuda.is_available() else 'accelerated (lean=True)')
     assert any((wd / 'tb').glob('events.out.tfevents.*'))
     assert 'img/s' in p.stdout and 'eta' in p.stdout
     # validate.py reproduces the logged accuracy of the last epoch, for the model and for the EMA

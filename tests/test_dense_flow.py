@@ -98,7 +98,8 @@ def test_dense_outputs_follow_the_authors_order(arch, dense):
 
 @pytest.mark.parametrize('lean', [None, False, True, 'max'])
 def test_dense_training_form_follows_the_authors_order(lean):
-    """Training mode (batch statistics), the paper form and every lean level; gradients reach stage 2 through extra_norm[1]."""
+    """Training mode (batch statistics), the paper form and every lean level; gradients reach stage 2 through
+    extra_norm[1]."""
     torch.manual_seed(0)
     m = _randomise(accelerate(OverLoCK('test', dense='det'), None if lean is None else AccelConfig(lean=lean))).train()
     x = torch.randn(2, 3, *SIZE)

@@ -174,14 +174,18 @@ def test_grad_checkpointing_equivalence():
 
 
 
-def test_whole_model_compiles_as_one_graph_with_eager_gradients():
-    """torch.compile(model): one graph for the whole training-form model (no graph break, so no recompiles with
-    symbolic shapes) on maps where the eager CPU paths (frequency-space and widened depth-wise kernels) would be
-    taken, and the traced forward and backward (our autograd functions included) give eager's outputs and
-    gradients. ``aot_eager`` traces exactly what inductor gets, without its C++ build (slow on a CPU)."""
+@pytest.mark.parametrize('accel', [False, True])
+def test_whole_model_compiles_as_one_graph_with_eager_gradients(accel):
+    """torch.compile(model), paper form and accelerated: one graph for the whole training-form model (no graph
+    break, so no recompiles with symbolic shapes) on maps where the eager CPU paths (frequency-space and widened
+    depth-wise kernels) would be taken, and the traced forward and backward (our custom operators included) give
+    eager's outputs and gradients. ``aot_eager`` traces exactly what inductor gets, without its C++ build."""
     import torch._dynamo as dynamo
+
+    from overlock_core.accel import accelerate
     dynamo.reset()
     m = OverLoCK('test', num_classes=5, drop_path_rate=0.0).train()
+    m = accelerate(m) if accel else m
     x = torch.randn(2, 3, 96, 96).to(memory_format=torch.channels_last)  # stage 1 at 24x24: over 16x16
     assert dynamo.explain(m)(x).graph_break_count == 0
     mc = torch.compile(copy.deepcopy(m), backend='aot_eager', fullgraph=True)
@@ -283,3 +287,18 @@ def test_ablation_switches():
         m = timm.create_model('test_overlock', num_classes=2, **kw)
         m(x).sum().backward()
     assert get_arch('t', smk_size=3)['smk_size'] == 3
+
+
+def test_model_files_have_no_device_or_layout_branches_and_no_autograd_functions():
+    """The paper-form model files test no device or memory layout and define no autograd function: those live in
+    ``ops`` (the operators' kernel choice) and ``accel`` (the accelerated forms)."""
+    import inspect
+    import re
+
+    from overlock_core.models import layers, overlock
+    banned = re.compile(r'\.is_cuda|device\.type|memory_format|channels_last|autograd\.Function'
+                        r'|is_autocast_enabled|plain_forward|plain_ops')
+    for mod in (layers, overlock):
+        hits = [ln.strip() for ln in inspect.getsource(mod).splitlines()
+                if banned.search(ln.split('#')[0]) and not ln.strip().startswith(('"', "'"))]
+        assert not hits, (mod.__name__, hits)

@@ -6,6 +6,7 @@
 #   OUT=gpu_out bash tools/gpu_check.sh            # python3 with torch, triton and timm; no mmcv needed
 # Opt-in extra steps (each adds a few minutes; run them separately if your GPU time is limited):
 #   WITH_TRITON=1  the bf16 realistic figures again with the Triton depth-wise kernels forced on
+#   LEAN=1         the bf16 realistic figures again with the accelerated modules (overlock_core.accel, lean=True)
 #   PROFILE=1      OverLoCK-T's dense training step profiled, per operator kind (depth-wise conv, conv, matmul, ...)
 #   COMPILE=1      both models through torch.compile
 set -u
@@ -31,8 +32,9 @@ PYTEST_ARGS=(-q -p no:cacheprovider -ra)
 "$PY" -c "import xdist" 2>/dev/null && PYTEST_ARGS+=(-n 6)
 step 150 "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/test_triton_depthwise.py -k cuda
 step 90 "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/test_triton.py
-# 2. the realistic figures: overlock_t vs convnext_tiny, fp16 and bf16 autocast, channels-last, AdamW steps:
-#    training and inference at 224 (batch 128) and a dense backbone training step at 800x1333 (batch 2)
+# 2. the realistic figures: overlock_t (the paper form, as the launchers run it on GPUs) vs convnext_tiny, fp16 and
+#    bf16 autocast, channels-last, AdamW steps: training and inference at 224 (batch 128) and a dense backbone
+#    training step at 800x1333 (batch 2)
 BENCH=("$PY" tools/benchmark.py --device cuda)
 step 190 "${BENCH[@]}" --realistic --repeats 1 --warmup 1 --iters 3 --json "$OUT/realistic.json"
 # 3. every depth-wise conv shape of OverLoCK-T at those inputs, cuDNN against Triton: the triton_dwconv.MEASURED
@@ -43,6 +45,10 @@ step 110 "${BENCH[@]}" --ops dwconv --warmup 2 --iters 5 --json "$OUT/dwconv_ops
 if [ "${WITH_TRITON:-0}" = 1 ]; then
     OVERLOCK_TRITON_DWCONV=1 step 150 "${BENCH[@]}" --realistic --precisions bf16 --repeats 1 --warmup 1 --iters 3 \
         --json "$OUT/realistic_triton_bf16.json"
+fi
+if [ "${LEAN:-0}" = 1 ]; then
+    step 150 "${BENCH[@]}" --realistic --lean --precisions bf16 --repeats 1 --warmup 1 --iters 3 \
+        --json "$OUT/realistic_lean_bf16.json"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
     step 90 "${BENCH[@]}" --repeats 1 --warmup 1 --iters 3 --batch 2 --size 800 1333 --modes train --backbone \

@@ -1,11 +1,11 @@
 """The fused CPU kernels of ``overlock_core/csrc`` (ContMix's ``kernel_av``), built on first use with torch's C++
 extension tools and cached per machine, so later processes only load them.
 
-The build happens once per source version, torch version and CPU (the code is compiled for the CPU it runs
-on, so a cache shared by different nodes keeps one build per kind of CPU) in ``$OVERLOCK_CACHE/ext`` (default
-``~/.cache/overlock/ext``); ``make setup`` does it up front (``build``).
-``KERNELS.cpu_ext`` (``ops.config``; ``OVERLOCK_CPU_EXT=0``) switches the kernels off. Without a C++ compiler, or if the build fails, the PyTorch
-formulation runs instead, after one warning naming the build log.
+The build happens once per source version, torch version and CPU (the code is compiled for the CPU it runs on, so a
+cache shared by different nodes keeps one build per kind of CPU) in ``$OVERLOCK_CACHE/ext`` (default
+``~/.cache/overlock/ext``); ``make setup`` does it up front (``build``). ``KERNELS.cpu_ext`` (``ops.config``;
+``OVERLOCK_CPU_EXT=0``) switches the kernels off. Without a C++ compiler, or if the build fails, the PyTorch formulation
+runs instead, after one warning naming the build log.
 """
 import functools
 import hashlib

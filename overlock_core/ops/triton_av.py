@@ -11,8 +11,9 @@ pure gather-and-sum, so one kernel per pass does it straight from the inputs, wi
   pixels whose clamped windows hold them. Those form a contiguous range per axis, K long in the interior, at most
   K + K // 2 near a border of a map wider than 2K - 1 (the whole map on narrower ones).
 
-Accumulation is fp32 whatever the input dtype. ``TRITON_INTERPRET=1`` runs the same kernels on CPU tensors (the
-test suite does this, so CI checks the kernels without a GPU). ``KERNELS.triton_av`` (``ops.config``; ``OVERLOCK_TRITON=0``) turns the kernels off.
+Accumulation is fp32 whatever the input dtype. ``TRITON_INTERPRET=1`` runs the same kernels on CPU tensors (the test
+suite does this, so CI checks the kernels without a GPU). ``KERNELS.triton_av`` (``ops.config``; ``OVERLOCK_TRITON=0``)
+turns the kernels off.
 """
 import os
 

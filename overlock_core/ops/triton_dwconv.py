@@ -20,8 +20,8 @@ kernels on CPU tensors, which is how the test suite checks them without a GPU.
 
 Dispatch (``use_triton``, called by ``dwconv.dw_conv2d`` and the training-form functions on CUDA): cuDNN stays the
 default. ``KERNELS.triton_dwconv`` (``ops.config``; ``OVERLOCK_TRITON_DWCONV=1``) forces these kernels for every
-supported convolution on CUDA, False (``=0``) forces cuDNN; otherwise ``MEASURED[(kernel, dilation, map_bucket(h, w), dtype name)]`` decides, and a missing entry means
-cuDNN. The table is filled from a GPU run of
+supported convolution on CUDA, False (``=0``) forces cuDNN; otherwise ``MEASURED[(kernel, dilation, map_bucket(h, w),
+dtype name)]`` decides, and a missing entry means cuDNN. The table is filled from a GPU run of
 
     python tools/benchmark.py --device cuda --ops dwconv --json dwconv.json
 
