@@ -95,9 +95,8 @@ class AdaptiveAvgPool2dPlain(nn.AdaptiveAvgPool2d):
 def prepare_for_export(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The inference form of ``model`` for export: eval mode, DilatedReparamBlocks merged and BatchNorms folded
     (``timm.utils.reparameterize_model``), the paper form of any accelerated module (``accel.restore``), and
-    adaptive average pools to
-    more than 1x1 (ContMix's 7x7 region centres) pooling through matmuls, which export with dynamic image size
-    (``AdaptiveAvgPool2dPlain``); a copy unless ``inplace``."""
+    adaptive average pools to more than 1x1 (ContMix's 7x7 region centres) pooling through matmuls, which export
+    with dynamic image size (``AdaptiveAvgPool2dPlain``); a copy unless ``inplace``."""
     from timm.utils import reparameterize_model
 
     from .accel import restore

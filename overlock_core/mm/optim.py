@@ -11,10 +11,11 @@ Two policies, chosen with ``paramwise_cfg=dict(official=...)``:
 
 ``official=False`` (opt-in deviation)
     No weight decay for every parameter that is not a weight matrix/kernel: all biases, all normalisation
-    parameters (BatchNorm/SyncBN, LayerNorm, LayerNorm2d, GroupNorm, ...), GRN ``gamma``/``beta``, the layer
-    scales (``ls``, ``ls1``, ``ls2``, ``x_scale``, ``h_scale`` and the det-only ``h_proj.1``), the ContMix
-    relative position-bias tables ``rpb1``/``rpb2``, and anything the backbone lists in ``no_weight_decay()``.
-    timm's rule for 1-d parameters, extended to these and applied consistently.
+    parameters (BatchNorm/SyncBN, LayerNorm, LayerNorm2d, GroupNorm, ...), the parameters of
+    ``overlock_core.models.extended_no_weight_decay`` (GRN ``gamma``/``beta``, the layer scales ``ls``, ``ls1``,
+    ``ls2``, ``x_scale``, ``h_scale`` and the det-only ``h_proj.1``, the ContMix relative position-bias tables
+    ``rpb1``/``rpb2``: the same set as classification's ``decay_groups: extended``), and anything the backbone
+    lists in ``no_weight_decay()``. timm's rule for 1-d parameters, extended to these and applied consistently.
 
 Both accept mmengine's ``custom_keys`` (``lr_mult`` / ``decay_mult`` by longest matching substring), applied on
 top of the policy. Registered in ``mmengine.registry.OPTIM_WRAPPER_CONSTRUCTORS`` so mmdet and mmseg configs
@@ -29,7 +30,9 @@ from mmengine.logging import MMLogger, print_log
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
-__all__ = ['OverLoCKOptimWrapperConstructor', 'OFFICIAL_CUSTOM_KEYS', 'is_no_decay', 'LAYER_SCALE_MODULES']
+from overlock_core.models import extended_no_weight_decay
+
+__all__ = ['OverLoCKOptimWrapperConstructor', 'OFFICIAL_CUSTOM_KEYS', 'is_no_decay']
 
 # the authors' det/seg configs (Swin-style keys; only 'norm' matches anything in OverLoCK)
 OFFICIAL_CUSTOM_KEYS = {
@@ -37,10 +40,6 @@ OFFICIAL_CUSTOM_KEYS = {
     'relative_position_bias_table': dict(decay_mult=0.),
     'norm': dict(decay_mult=0.),
 }
-# module names (last path component, or a path suffix) whose parameters are layer scales
-LAYER_SCALE_MODULES = ('ls', 'ls1', 'ls2', 'x_scale', 'h_scale')
-LAYER_SCALE_SUFFIXES = ('h_proj.1',)
-NO_DECAY_PARAM_NAMES = ('rpb1', 'rpb2', 'gamma', 'beta')  # rpb tables, GRN
 
 
 def _is_norm_module(module: nn.Module) -> bool:
@@ -53,19 +52,9 @@ def _is_norm_module(module: nn.Module) -> bool:
 
 
 def is_no_decay(param_name: str, module: nn.Module, extra_names: Iterable[str] = ()) -> bool:
-    """Whether ``param_name`` (full dotted name; ``module`` is its direct owner) is exempt from weight decay."""
-    if param_name in extra_names:
-        return True
-    module_path, _, leaf = param_name.rpartition('.')
-    if leaf == 'bias' or _is_norm_module(module):
-        return True
-    if leaf in NO_DECAY_PARAM_NAMES or leaf.startswith('rpb'):
-        return True
-    last = module_path.rpartition('.')[2]
-    if last in LAYER_SCALE_MODULES or any(module_path == s or module_path.endswith('.' + s)
-                                          for s in LAYER_SCALE_SUFFIXES):
-        return True
-    return False
+    """Whether ``param_name`` (full dotted name; ``module`` is its direct owner) is exempt from weight decay under
+    the extended policy: a bias, a normalisation parameter, or one of ``extra_names`` (full names)."""
+    return param_name in extra_names or param_name.rpartition('.')[2] == 'bias' or _is_norm_module(module)
 
 
 def _backbone_no_weight_decay(model: nn.Module) -> Set[str]:
@@ -113,7 +102,7 @@ class OverLoCKOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             raise ValueError('OverLoCKOptimWrapperConstructor.add_params expects the whole model')
         custom_keys: Dict[str, dict] = self.paramwise_cfg.get('custom_keys', {})
         sorted_keys = sorted(sorted(custom_keys.keys()), key=len, reverse=True)
-        extra = _backbone_no_weight_decay(module)
+        extra = _backbone_no_weight_decay(module) | extended_no_weight_decay(module)
         groups: Dict[Tuple[float, float], dict] = {}
         seen: Set[int] = set()
         n_decay = n_nodecay = 0
