@@ -23,8 +23,8 @@ result and computes both gradients with forward-style operations:
 The thresholds come from timing every shape OverLoCK meets on a 2-core x86 CPU (oneDNN; see docs/performance.md);
 they only pick between exact methods. On other devices, and for plain 3x3 kernels, ``dw_conv2d`` is ``F.conv2d``;
 on CUDA the fused Triton kernels of ``triton_dwconv`` run instead where ``triton_dwconv.use_triton`` says so
-(cuDNN unless measured slower or switched off). Under ``torch.compile`` the graph calls the custom operators
-``overlock::dw_conv2d`` and ``overlock::dw_conv2d_backward`` (the same methods, opaque to the compiler).
+(cuDNN unless measured slower or switched off). The CPU method runs as the custom operators ``overlock::dw_conv2d``
+and ``overlock::dw_conv2d_backward``, in eager mode and under ``torch.compile`` alike (opaque to the compiler).
 """
 from typing import Optional, Sequence, Tuple
 

@@ -285,22 +285,21 @@ def _fused_args(q, kw, rpb, pb, value, ks):
 
 
 def _kernel_av_forward(q, kw, rpb, pb, value, ks):
-    """(output, the value tensor the backward needs, the path taken) of ``kernel_av``."""
+    """The output of ``kernel_av``, on the path ``_kernel_av_path`` picks."""
     h, w = value.shape[-2:]
     path = _kernel_av_path(value, ks)
     if path == 'fused':
-        return cpu_ext.load().forward(*_fused_args(q, kw, rpb, pb, value, ks), ks), value, path
+        return cpu_ext.load().forward(*_fused_args(q, kw, rpb, pb, value, ks), ks)
     if path == 'grouped':
         order = _group_order(h, w, ks, q.device)[0]
-        return _grouped_kernel_av(_pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), value, ks), value, path
+        return _grouped_kernel_av(_pick(q, 2, order), kw, _bias(rpb, pb, h, w, True), value, ks)
     kernel = _softmax_kernel(q, kw, _bias(rpb, pb, h, w))
-    out, (_, saved) = av_forward(_as_attn(kernel, h, w, value.dtype), value, ks)
-    return out, saved, path
+    return av_forward(_as_attn(kernel, h, w, value.dtype), value, ks)[0]
 
 
 def _kernel_av_backward(q, kw, rpb, pb, v, grad_out, ks, need, path):
-    """The gradients of ``kernel_av``'s five tensor inputs that ``need`` asks for (None for the others); v and path
-    are what ``_kernel_av_forward`` returned beside its output."""
+    """The gradients of ``kernel_av``'s five tensor inputs that ``need`` asks for (None for the others); ``path`` is
+    ``_kernel_av_path``'s, v the values (``av_kept_values`` of them on the 'plain' path)."""
     h, w = grad_out.shape[-2:]
     need_bias = need[2] or need[3]
     if path == 'fused':
@@ -344,7 +343,7 @@ def _kernel_av_backward(q, kw, rpb, pb, v, grad_out, ks, need, path):
 @torch.library.custom_op('overlock::kernel_av', mutates_args=())
 def _kernel_av_op(q: torch.Tensor, kw: torch.Tensor, rpb: torch.Tensor, pb: torch.Tensor, value: torch.Tensor,
                   ks: int) -> torch.Tensor:
-    return _laid_out_like(_kernel_av_forward(q, kw, rpb, pb, value, ks)[0], value)
+    return _laid_out_like(_kernel_av_forward(q, kw, rpb, pb, value, ks), value)
 
 
 @_kernel_av_op.register_fake
