@@ -250,7 +250,8 @@ class FastSE(SEModule):
 
 class LeanDRB(Lean, DilatedReparamBlock):
     """DilatedReparamBlock whose training form keeps x alone, not one map per branch (``ops.bn_branch_sum``); on the
-    CPU wide dilated kernels on small maps run as dense ones (``ops.dense_dilated``)."""
+    CPU wide dilated kernels on small maps run as dense ones (``ops.dense_dilated``), on CUDA the branches can run
+    in one Triton launch per pass (``KERNELS.triton_drb``)."""
 
     def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
         """``norm``: the LayerNorm in front of the block, run inside the lean function (its output not kept)."""

@@ -278,9 +278,11 @@ def test_kernel_config_from_env_configure_and_using():
     from overlock_core.ops import cpu_ext
     from overlock_core.ops.config import KERNELS, KernelConfig, configure, using
     from overlock_core.ops.neighborhood import _kernel_av_path
-    assert KernelConfig.from_env({}) == KernelConfig(cpu_ext=True, triton_av=True, triton_dwconv=None)
-    env = {'OVERLOCK_CPU_EXT': '0', 'OVERLOCK_TRITON': '0', 'OVERLOCK_TRITON_DWCONV': '1'}
-    assert KernelConfig.from_env(env) == KernelConfig(cpu_ext=False, triton_av=False, triton_dwconv=True)
+    assert KernelConfig.from_env({}) == KernelConfig(cpu_ext=True, triton_av=True, triton_dwconv=None,
+                                                     triton_drb=None)
+    env = {'OVERLOCK_CPU_EXT': '0', 'OVERLOCK_TRITON': '0', 'OVERLOCK_TRITON_DWCONV': '1', 'OVERLOCK_TRITON_DRB': '0'}
+    assert KernelConfig.from_env(env) == KernelConfig(cpu_ext=False, triton_av=False, triton_dwconv=True,
+                                                      triton_drb=False)
     before = dataclasses.replace(KERNELS)
     value = torch.randn(2, 4, 9, 11)
     with using(cpu_ext=False):

@@ -68,3 +68,22 @@ def test_benchmark_harness_writes_json(tmp_path):
     assert res.returncode == 0, res.stderr
     row = json.loads(out.read_text())['rows'][0]
     assert row['ours']['peak_mib'] < row['unfold']['peak_mib']
+
+
+def test_benchmark_dwconv_table_entries():
+    """The depth-wise table's verdicts: an entry is True only where Triton beat cuDNN in every row of its key
+    (layouts, inputs in one map bucket); the branch-set rows ('drb') give MEASURED_DRB's keys, the others
+    MEASURED's; rows without both timings are left out."""
+    import benchmark
+    shapes = benchmark.dwconv_shapes(['224:2'])
+    assert {(s['stage'], s['k'], s['h']) for s in shapes if s['d'] == 'drb'} == \
+        {(1, 17, 56), (2, 15, 28), (3, 13, 14), (4, 7, 7)}
+    row = dict(input='224:2', stage=1, batch=2, c=64, h=56, w=56, dtype='bf16')
+    rows = [dict(row, k=17, d=1, layout='nchw', cudnn=2.0, triton=1.0),
+            dict(row, k=17, d=1, layout='channels_last', cudnn=2.0, triton=3.0),
+            dict(row, k=9, d=2, layout='nchw', cudnn=2.0, triton=1.0),
+            dict(row, k=17, d='drb', layout='nchw', cudnn=5.0, triton=4.0),
+            dict(row, k=17, d='drb', layout='channels_last', cudnn=5.0, triton=4.5),
+            dict(row, k=15, d='drb', layout='nchw', cudnn=5.0, triton_error='boom')]
+    assert benchmark.measured_entries(rows) == {(17, 1, 64, 'bf16'): False, (9, 2, 64, 'bf16'): True}
+    assert benchmark.measured_entries(rows, drb=True) == {(17, 64, 'bf16'): True}

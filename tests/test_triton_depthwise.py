@@ -21,8 +21,12 @@ INTERPRETED = textwrap.dedent('''
     import sys
     import torch
     import torch.nn.functional as F
-    from overlock_core.ops import triton_dwconv as T
-    assert T.available(torch.zeros(1))
+    from overlock_core.ops import dw_conv2d, triton_dwconv as T
+    from overlock_core.ops.config import KERNELS
+    assert T.available(torch.zeros(1)) and KERNELS.triton_dwconv
+    calls = []  # dw_conv2d must reach the kernels: forward, input and weight gradients
+    for name in ('dwconv_forward', 'dwconv_input_grad', 'dwconv_weight_grad'):
+        setattr(T, name, lambda *a, _fn=getattr(T, name), _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
     torch.manual_seed(0)
     CL = torch.channels_last
     D, S = torch.float64, torch.float32
@@ -38,18 +42,21 @@ INTERPRETED = textwrap.dedent('''
         weight = torch.randn(c, 1, k, k, dtype=dtype)
         bias = torch.randn(c, dtype=dtype) if with_bias else None
         leaves = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
-        out = T.depthwise_conv2d(x, weight, bias, d)
+        calls.clear()
+        out = dw_conv2d(x, weight, bias, d)
         assert out.dtype == dtype and out.shape == x.shape
-        assert out.is_contiguous(memory_format=CL) == (layout == 'cl'), 'output not in the input layout'
         g = torch.randn_like(out)
         got = torch.autograd.grad(out, leaves, g)
+        assert calls == ['dwconv_forward', 'dwconv_input_grad', 'dwconv_weight_grad'], calls
+        kept = T.dwconv_forward(x.detach(), weight.detach(), None, d)  # (dw_conv2d's CPU layout rule aside)
+        assert kept.is_contiguous(memory_format=CL) == (layout == 'cl'), 'output not in the input layout'
         ref = F.conv2d(x, weight, bias, padding=d * (k - 1) // 2, dilation=d, groups=c)
         want = torch.autograd.grad(ref, leaves, g)
         tol = dict(rtol=1e-10, atol=1e-10) if dtype == D else dict(rtol=1e-5, atol=1e-5)
         for a, b in zip((out,) + got, (ref,) + want):
             assert a.dtype == b.dtype
             torch.testing.assert_close(a, b, **tol)
-        # the three entry points on their own, one gradient asked for
+        # one gradient asked for
         gx, gw = T.dwconv_backward(x.detach(), weight.detach(), g, d, (True, False))
         assert gw is None
         torch.testing.assert_close(gx, want[0], **tol)
@@ -76,31 +83,101 @@ INTERPRETED = textwrap.dedent('''
     # autocast: the conv runs in the autocast dtype, gradients reach the fp32 leaves in fp32
     x = torch.randn(1, 3, 5, 6, requires_grad=True)
     weight = torch.randn(3, 1, 5, 5, requires_grad=True)
+    calls.clear()
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = T.depthwise_conv2d(x, weight)
+        out = dw_conv2d(x, weight)
     gx, gw = torch.autograd.grad(out.float().sum(), (x, weight))
-    assert out.dtype == torch.bfloat16 and gx.dtype == gw.dtype == torch.float32
+    assert out.dtype == torch.bfloat16 and gx.dtype == gw.dtype == torch.float32 and len(calls) == 3
     ref = F.conv2d(x, weight, padding=2, groups=3)
     torch.testing.assert_close(out.float(), ref, rtol=4e-2, atol=4e-2)
+    # compiled: the operator is opaque to the compiler, same results
+    xs, ws = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    out_c = torch.compile(lambda a, b: dw_conv2d(a, b), backend='aot_eager', fullgraph=True)(xs, ws)
+    torch.testing.assert_close(out_c, F.conv2d(x, weight, padding=2, groups=3))
     print('ok')
 ''')
+
+# A DilatedReparamBlock's branches in one launch per pass: the kernels against F.conv2d, then the lean block through
+# them against the same block a launch per branch (float64: equal to rounding).
+INTERPRETED_BRANCHES = textwrap.dedent('''
+    import copy
+    import torch
+    import torch.nn.functional as F
+    from overlock_core.accel import accelerate
+    from overlock_core.models.layers import RepConvBlock
+    from overlock_core.ops import triton_dwconv as T
+    from overlock_core.ops.config import using
+    torch.manual_seed(0)
+    D = torch.float64
+    for layout, sizes, dils in [('nchw', (7, 5, 3, 3, 3), (1, 1, 1, 2, 3)), ('cl', (5, 3, 3), (1, 1, 2))]:
+        x = torch.randn(2, 3, 9, 11, dtype=D)
+        x = x.contiguous(memory_format=torch.channels_last) if layout == 'cl' else x
+        ws = [torch.randn(3, 1, k, k, dtype=D) for k in sizes]
+        zs = T.branches_forward(x, ws, dils)
+        assert zs.shape == (len(sizes),) + x.shape
+        assert zs[0].is_contiguous(memory_format=torch.channels_last) == (layout == 'cl')
+        xr, wr = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws]
+        refs = [F.conv2d(xr, w, padding=d * (w.shape[-1] - 1) // 2, dilation=d, groups=3) for w, d in zip(wr, dils)]
+        gzs = torch.randn_like(zs)
+        want = torch.autograd.grad(refs, [xr] + wr, list(gzs))
+        got = [T.branches_input_grad(gzs, ws, dils)] + T.branches_weight_grad(x, gzs, ws, dils)
+        for a, b in zip(list(zs) + got, refs + list(want)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # the lean block (its LayerNorm inside the branch function) through the fused path and branch by branch
+    calls = []
+    for name in ('branches_forward', 'branches_input_grad', 'branches_weight_grad'):
+        setattr(T, name, lambda *a, _fn=getattr(T, name), _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
+    block = accelerate(RepConvBlock(4, 7, ls_init_value=0.5)).double().train()
+    x = torch.randn(2, 4, 8, 9, dtype=D)
+    results = []
+    for fused in (True, False):
+        m = copy.deepcopy(block)
+        xs = x.clone().requires_grad_()
+        with using(triton_drb=fused, triton_dwconv=False):
+            out = m(xs)
+            grads = torch.autograd.grad(out.square().sum(), [xs] + list(m.parameters()))
+        drb = m.proj[1]
+        results.append((out, grads, [b.running_var for b in drb.convs_and_norms()[1]]))
+        assert calls == (['branches_forward', 'branches_forward', 'branches_input_grad', 'branches_weight_grad']
+                         if fused else []), calls
+        calls.clear()
+    for a, b in zip(*[[r[0], *r[1], *r[2]] for r in results]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    print('ok')
+''')
+
+
+def _interpret(script: str, **env_vars) -> subprocess.CompletedProcess:
+    """Runs ``script`` in a fresh interpreter with the Triton kernels interpreted on the CPU."""
+    env = dict(os.environ, TRITON_INTERPRET='1', **env_vars)
+    return subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, timeout=600)
 
 
 @needs_triton
 @pytest.mark.skipif(OLD_INTERPRETER, reason="Triton < 3.8's interpreter fails on numpy >= 2.4")
 def test_triton_depthwise_kernels_in_interpreter():
-    """Forward, input gradient and weight gradient equal F.conv2d and its autograd: kernels 3 to 17, dilations 1 to
-    3 and a 3x3 with dilation 5, non-square maps smaller than the kernel, NCHW, channels-last and strided inputs,
-    float64 and float32 (bias included), float16 and bfloat16 with fp32 accumulation, under autocast."""
-    env = dict(os.environ, TRITON_INTERPRET='1')
-    env.pop('OVERLOCK_TRITON_DWCONV', None)
-    res = subprocess.run([sys.executable, '-c', INTERPRETED], capture_output=True, text=True, env=env, timeout=600)
+    """dw_conv2d forced through the kernels (KERNELS.triton_dwconv): forward, input gradient and weight gradient
+    equal F.conv2d and its autograd: kernels 3 to 17, dilations 1 to 3 and a 3x3 with dilation 5, non-square maps
+    smaller than the kernel, NCHW, channels-last and strided inputs, float64 and float32 (bias included), float16
+    and bfloat16 with fp32 accumulation, under autocast, and compiled (where the kernels step aside)."""
+    res = _interpret(INTERPRETED, OVERLOCK_TRITON_DWCONV='1')
+    assert res.returncode == 0 and res.stdout.strip().endswith('ok'), res.stderr[-3000:]
+
+
+@needs_triton
+@pytest.mark.skipif(OLD_INTERPRETER, reason="Triton < 3.8's interpreter fails on numpy >= 2.4")
+def test_triton_depthwise_branches_in_one_launch_in_interpreter():
+    """A DilatedReparamBlock's branches in one launch per pass: outputs, the summed input gradient and each kernel
+    gradient equal F.conv2d's (NCHW and channels-last, dilations 1 to 3); a lean RepConvBlock through them equals
+    the block a launch per branch (output, every gradient, the running statistics), and calls each pass once."""
+    res = _interpret(INTERPRETED_BRANCHES)
     assert res.returncode == 0 and res.stdout.strip().endswith('ok'), res.stderr[-3000:]
 
 
 def test_triton_depthwise_dispatch_defaults_to_cudnn(monkeypatch):
     """Without the switch and without a measured entry the rule says cuDNN; KERNELS.triton_dwconv=True forces the
-    kernels, False cuDNN even over a measured entry; unsupported convolutions never take them; CPU tensors never do."""
+    kernels, False cuDNN even over a measured entry; unsupported convolutions never take them; CPU tensors only in
+    the interpreter when forced. The same for a DilatedReparamBlock's branches together (KERNELS.triton_drb)."""
     monkeypatch.setattr(KERNELS, 'triton_dwconv', None)
     monkeypatch.setattr(triton_dwconv, 'MEASURED', {})
     key = (17, 1, triton_dwconv.map_bucket(56, 56), 'bf16')
@@ -116,11 +193,35 @@ def test_triton_depthwise_dispatch_defaults_to_cudnn(monkeypatch):
     assert triton_dwconv.decide(7, 3, (7, 7), torch.float32)
     assert not triton_dwconv.decide(19, 1, (56, 56), torch.float32)  # wider than the kernels serve
     assert not triton_dwconv.decide(4, 1, (56, 56), torch.float32)  # even
-    assert not triton_dwconv.decide(7, 1, (56, 56), torch.float64)  # not a training dtype on the GPU
+    assert triton_dwconv.decide(7, 1, (56, 56), torch.float64)  # forced: fp64 too (the interpreter tests)
+    monkeypatch.setattr(KERNELS, 'triton_dwconv', None)
+    triton_dwconv.MEASURED[(7, 1, 64, 'fp32')] = True
+    assert not triton_dwconv.decide(7, 1, (56, 56), torch.float64)  # the table: training dtypes only
+    # CPU tensors only when the kernels were defined in the interpreter (not this process), and forced on
     monkeypatch.setenv('TRITON_INTERPRET', '1')
-    assert not triton_dwconv.use_triton(torch.zeros(1, 2, 8, 8), 7, 1)  # the CPU paths stay as they are
+    monkeypatch.setattr(KERNELS, 'triton_dwconv', True)
+    assert not triton_dwconv.use_triton(torch.zeros(1, 2, 8, 8), 7, 1)
+    monkeypatch.setattr(triton_dwconv, 'INTERPRETED', True)
+    assert triton_dwconv.use_triton(torch.zeros(1, 2, 8, 8), 7, 1) == (triton_dwconv.triton is not None)
+    monkeypatch.setattr(KERNELS, 'triton_dwconv', None)
+    assert not triton_dwconv.use_triton(torch.zeros(1, 2, 8, 56, 56), 7, 1)
+    assert not triton_dwconv.use_triton(torch.zeros(1, 2, 56, 56), 7, 1)  # a measured entry: CUDA tensors only
     assert [triton_dwconv.map_bucket(*s) for s in [(7, 7), (14, 14), (28, 28), (56, 56), (50, 80), (200, 333)]] \
         == [16, 16, 32, 64, 64, 0]
+    sizes, dils = (17, 5, 7, 9, 3, 3, 3), (1, 1, 1, 2, 4, 5, 7)
+    monkeypatch.setattr(KERNELS, 'triton_drb', None)
+    monkeypatch.setattr(triton_dwconv, 'MEASURED_DRB', {})
+    assert not triton_dwconv.decide_branches(sizes, dils, (56, 56), torch.bfloat16)
+    triton_dwconv.MEASURED_DRB[(17, 64, 'bf16')] = True
+    assert triton_dwconv.decide_branches(sizes, dils, (56, 56), torch.bfloat16)
+    assert not triton_dwconv.decide_branches(sizes, dils, (28, 28), torch.bfloat16)
+    assert not triton_dwconv.decide_branches((19,) + sizes[1:], dils, (56, 56), torch.bfloat16)  # 19 unsupported
+    monkeypatch.setattr(KERNELS, 'triton_drb', False)
+    assert not triton_dwconv.decide_branches(sizes, dils, (56, 56), torch.bfloat16)
+    monkeypatch.setattr(KERNELS, 'triton_drb', True)
+    assert triton_dwconv.decide_branches(sizes, dils, (28, 28), torch.float16)
+    monkeypatch.setattr(triton_dwconv, 'INTERPRETED', False)
+    assert not triton_dwconv.use_branches(torch.zeros(1, 2, 8, 8), sizes, dils)
 
 
 @needs_triton
@@ -193,9 +294,11 @@ def test_triton_depthwise_cuda_dispatch_through_dw_conv2d(dtype, monkeypatch):
 
 
 @needs_cuda
-def test_triton_depthwise_cuda_model_step_matches_cudnn(monkeypatch):
+@pytest.mark.parametrize('branches', [False, True])
+def test_triton_depthwise_cuda_model_step_matches_cudnn(branches, monkeypatch):
     """A whole OverLoCK training step on CUDA (lean form: the re-parameterisation branches' recomputing functions)
-    gives the same outputs and gradients with the Triton kernels forced on as with cuDNN (fp32, TF32 off)."""
+    gives the same outputs and gradients with the Triton kernels forced on as with cuDNN (fp32, TF32 off); with
+    ``branches`` each DilatedReparamBlock's branches run together (KERNELS.triton_drb)."""
     from overlock_core.accel import accelerate
     from overlock_core.models import OverLoCK
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
@@ -204,18 +307,21 @@ def test_triton_depthwise_cuda_model_step_matches_cudnn(monkeypatch):
     model = accelerate(OverLoCK('test', num_classes=5)).cuda().train()
     x = torch.randn(2, 3, 224, 224, device='cuda')
     calls = []
-    for name in ('dwconv_forward', 'dwconv_backward'):
+    names = ['dwconv_forward', 'dwconv_backward'] + ['branches_forward', 'branches_input_grad',
+                                                     'branches_weight_grad'] * branches
+    for name in names:
         fn = getattr(triton_dwconv, name)
         monkeypatch.setattr(triton_dwconv, name, lambda *a, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
     results = []
     for flag in ('1', '0'):
         monkeypatch.setattr(KERNELS, 'triton_dwconv', flag == '1')
+        monkeypatch.setattr(KERNELS, 'triton_drb', branches and flag == '1')
         calls.clear()
         out = model(x)
         grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
         results.append((out, grads))
         # both passes of the re-parameterisation branches (recomputing functions) and of plain dw_conv2d
-        assert (set(calls) == {'dwconv_forward', 'dwconv_backward'}) if flag == '1' else not calls
+        assert (set(calls) == set(names)) if flag == '1' else not calls
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

@@ -312,7 +312,8 @@ def _parse_input(text: str):
 
 def dwconv_shapes(inputs: List[str], variant: str = 't') -> List[Dict]:
     """Every depth-wise conv shape an OverLoCK variant meets at these inputs: per stage the large kernel, its
-    re-parameterisation branches (the dynamic blocks' too) and the 3x3 conv, each (kernel, dilation) once."""
+    re-parameterisation branches (the dynamic blocks' too) and the 3x3 conv, each (kernel, dilation) once; then the
+    stage's DilatedReparamBlock branches together (``drb``: kernel k, every branch)."""
     from overlock_core.models.layers import DRB_BRANCHES
     from overlock_core.models.overlock import get_arch
     cfg = get_arch(variant)
@@ -325,67 +326,102 @@ def dwconv_shapes(inputs: List[str], variant: str = 't') -> List[Dict]:
                 hs, ws = -(-hs // 2), -(-ws // 2)
             for k, d in dict.fromkeys(((big, 1),) + DRB_BRANCHES[big] + ((3, 1),)):
                 shapes.append(dict(input=text, stage=stage + 1, batch=batch, c=c, h=hs, w=ws, k=k, d=d))
+            shapes.append(dict(input=text, stage=stage + 1, batch=batch, c=c, h=hs, w=ws, k=big, d='drb'))
     return shapes
+
+
+def _dwconv_impls(shape: Dict, x: torch.Tensor, grad: torch.Tensor) -> Dict:
+    """name -> (step: forward + both gradients, forward alone) for one row of the depth-wise table: 'cudnn'
+    (F.conv2d, a launch per branch for a ``drb`` row) and, where the kernels can run, 'triton' (``dw_conv2d`` with
+    ``KERNELS.triton_dwconv`` on; for a ``drb`` row the branches in one launch per pass)."""
+    import torch.nn.functional as F
+    from overlock_core.models.layers import DRB_BRANCHES
+    from overlock_core.ops import dw_conv2d, triton_dwconv
+    from overlock_core.ops.config import using
+    c, k, d = x.shape[1], shape['k'], shape['d']
+    branches = ((k, 1),) + DRB_BRANCHES[k] if d == 'drb' else ((k, d),)
+    weights = [(torch.randn(c, 1, kb, kb, device=x.device) / kb).to(x.dtype).requires_grad_() for kb, _ in branches]
+    dils = [db for _, db in branches]
+
+    def backward(outs):
+        torch.autograd.backward(outs, [grad] * len(outs))
+        for t in [x] + weights:
+            t.grad = None
+
+    def cudnn():
+        return [F.conv2d(x, w, None, 1, db * (w.shape[-1] - 1) // 2, db, c) for w, db in zip(weights, dils)]
+    impls = {'cudnn': (lambda: backward(cudnn()), cudnn)}
+    if not triton_dwconv.available(x) or not all(triton_dwconv.supported(kb, db) for kb, db in branches):
+        return impls
+    if d == 'drb':
+        stack = grad.expand(len(weights), *grad.shape)
+
+        def fused_step():
+            triton_dwconv.branches_forward(x, weights, dils)
+            triton_dwconv.branches_input_grad(stack, weights, dils)
+            triton_dwconv.branches_weight_grad(x, stack, weights, dils)
+        impls['triton'] = (fused_step, lambda: triton_dwconv.branches_forward(x, weights, dils))
+    else:
+        def triton():
+            with using(triton_dwconv=True):
+                return dw_conv2d(x, weights[0], None, d)
+
+        def triton_step():
+            with using(triton_dwconv=True):
+                backward([triton()])
+        impls['triton'] = (triton_step, triton)
+    return impls
 
 
 def run_dwconv(a: Dict) -> List[Dict]:
     """Forward + both gradients (and forward alone) of each depth-wise shape of ``a['shapes']``, per dtype and
-    layout: cuDNN (F.conv2d; oneDNN on the CPU) against the Triton kernels where they can run. ``warm_only``: one
-    call of each Triton shape, timing nothing (fills Triton's kernel cache, several processes at once)."""
-    import torch.nn.functional as F
-    from overlock_core.ops import triton_dwconv
+    layout: cuDNN (F.conv2d; oneDNN on the CPU) against the Triton kernels where they can run (``_dwconv_impls``).
+    ``warm_only``: one call of each Triton shape, timing nothing (fills Triton's kernel cache, several processes at
+    once)."""
     dev, rows = a['device'], []
     for shape in a['shapes']:
-        n, c, h, w, k, d = (shape[key] for key in ('batch', 'c', 'h', 'w', 'k', 'd'))
+        n, c, h, w = (shape[key] for key in ('batch', 'c', 'h', 'w'))
         for dtype_name in a['dtypes']:
             for layout in ('nchw', 'channels_last'):
                 fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
                 x = torch.randn(n, c, h, w, device=dev).to(DTYPES[dtype_name]).contiguous(memory_format=fmt)
-                weight = torch.randn(c, 1, k, k, device=dev).to(x.dtype) / k
                 grad = torch.randn_like(x)
                 x.requires_grad_()
-                weight.requires_grad_()
-                impls = {'cudnn': lambda: F.conv2d(x, weight, None, 1, d * (k - 1) // 2, d, c)}
-                if triton_dwconv.available(x):
-                    impls['triton'] = lambda: triton_dwconv.depthwise_conv2d(x, weight, None, d)
                 row = dict(shape, dtype=dtype_name, layout=layout)
-                for name, fn in impls.items():
+                for name, (step, forward) in _dwconv_impls(shape, x, grad).items():
                     if a.get('warm_only') and name != 'triton':
                         continue
 
-                    def step(fn=fn):
-                        torch.autograd.backward(fn(), grad)
-                        x.grad = weight.grad = None
-
-                    def forward(fn=fn):
+                    def no_grad(forward=forward):
                         with torch.no_grad():
-                            fn()
+                            forward()
                     try:
                         if a.get('warm_only'):
                             step()
-                            forward()
+                            no_grad()
                             continue
                         row[name] = _time(step, dev, a['warmup'], a['iters']) * 1e3
-                        row[name + '_fwd'] = _time(forward, dev, a['warmup'], a['iters']) * 1e3
+                        row[name + '_fwd'] = _time(no_grad, dev, a['warmup'], a['iters']) * 1e3
                     except Exception as e:  # e.g. a compile failure: the other shapes still run
                         row[name + '_error'] = f'{type(e).__name__}: {e}'.splitlines()[0][:300]
                 rows.append(row)
-                del x, weight, grad
+                del x, grad
     return rows
 
 
-def measured_entries(rows: List[Dict]) -> Dict:
+def measured_entries(rows: List[Dict], drb: bool = False) -> Dict:
     """triton_dwconv.MEASURED entries from the op table: (kernel, dilation, map bucket, dtype) -> True where the
     Triton kernels were faster (forward + both gradients) for every shape and layout measured with that key,
-    False where any was slower."""
+    False where any was slower; ``drb``: the MEASURED_DRB entries (block kernel, map bucket, dtype) of the branch
+    sets."""
     from overlock_core.ops.triton_dwconv import map_bucket
     verdict: Dict = {}
     for r in rows:
-        if 'cudnn' not in r or 'triton' not in r:
+        if 'cudnn' not in r or 'triton' not in r or (r['d'] == 'drb') != drb:
             continue
-        key = (r['k'], r['d'], map_bucket(r['h'], r['w']), r['dtype'])
+        key = (r['k'],) + ((r['d'],) if not drb else ()) + (map_bucket(r['h'], r['w']), r['dtype'])
         verdict[key] = verdict.get(key, True) and r['triton'] < r['cudnn']
-    return dict(sorted(verdict.items(), key=lambda kv: (kv[0][3], -kv[0][0], kv[0][1], kv[0][2])))
+    return dict(sorted(verdict.items(), key=lambda kv: (kv[0][-1], -kv[0][0]) + kv[0][1:-1]))
 
 
 def _dwconv_table(args, common: Dict) -> List[Dict]:
@@ -401,6 +437,7 @@ def _dwconv_table(args, common: Dict) -> List[Dict]:
         print(f'depth-wise op table error: {rows["error"]}')
         return [rows]
     print(f'depth-wise conv, forward + both gradients (forward alone), {args.device}: cuDNN against Triton')
+    print("(dilation 'drb': the stage's DilatedReparamBlock branches together; Triton: one launch per pass)")
     print('| input | stage | C | map | kernel | dilation | dtype | layout | cuDNN ms | Triton ms | speed-up |'
           ' fwd cuDNN ms | fwd Triton ms |')
     print('|---|---:|---:|---|---:|---:|---|---|---:|---:|---:|---:|---:|')
@@ -415,15 +452,16 @@ def _dwconv_table(args, common: Dict) -> List[Dict]:
               f"{r['layout']} | {ms('cudnn')} | {ms('triton')} | {speedup} | {ms('cudnn_fwd')} | {ms('triton_fwd')} |")
         if err:
             print(f'  error: {err}')
-    entries = measured_entries(rows)
-    if entries:
-        print('triton_dwconv.MEASURED (True: Triton faster in every shape and layout of the key):')
-        print('MEASURED = {')
+    for name, drb in (('MEASURED', False), ('MEASURED_DRB', True)):
+        entries = measured_entries(rows, drb)
+        if not entries:
+            print(f'no Triton timings (no CUDA device, or Triton missing): {name} stays empty')
+            continue
+        print(f'triton_dwconv.{name} (True: Triton faster in every shape and layout of the key):')
+        print(f'{name} = {{')
         for key, value in entries.items():
             print(f'    {key!r}: {value},')
         print('}')
-    else:
-        print('no Triton timings (no CUDA device, or Triton missing): MEASURED stays empty')
     return rows
 
 

@@ -6,7 +6,9 @@
 #   OUT=gpu_out bash tools/gpu_check.sh            # python3 with torch, triton and timm; no mmcv needed
 # Opt-in extra steps (each adds a few minutes; run them separately if your GPU time is limited):
 #   WITH_TRITON=1  the bf16 realistic figures again with the Triton depth-wise kernels forced on
-#   LEAN=1         the bf16 realistic figures again with the accelerated modules (overlock_core.accel, lean=True)
+#   LEAN=1         the bf16 realistic figures again with the accelerated modules (overlock_core.accel, lean=True);
+#                  with WITH_TRITON=1 also the lean form with the Triton kernels and the DilatedReparamBlocks'
+#                  branches in one launch per pass (KERNELS.triton_drb)
 #   PROFILE=1      OverLoCK-T's dense training step profiled, per operator kind (depth-wise conv, conv, matmul, ...)
 #   COMPILE=1      both models through torch.compile
 set -u
@@ -14,7 +16,7 @@ OUT=${OUT:-gpu_out}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-unset OVERLOCK_TRITON_DWCONV  # cuDNN unless a step asks for the Triton kernels
+unset OVERLOCK_TRITON_DWCONV OVERLOCK_TRITON_DRB  # cuDNN unless a step asks for the Triton kernels
 LOG=$OUT/log.txt
 step() {
     local limit=$1 t0=$SECONDS
@@ -37,8 +39,9 @@ step 90 "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/test_triton.py
 #    training step at 800x1333 (batch 2)
 BENCH=("$PY" tools/benchmark.py --device cuda)
 step 190 "${BENCH[@]}" --realistic --repeats 1 --warmup 1 --iters 3 --json "$OUT/realistic.json"
-# 3. every depth-wise conv shape of OverLoCK-T at those inputs, cuDNN against Triton: the triton_dwconv.MEASURED
-#    entries (the kernels are compiled first in parallel processes)
+# 3. every depth-wise conv shape of OverLoCK-T at those inputs, and each stage's DilatedReparamBlock branches
+#    together, cuDNN against Triton: the triton_dwconv.MEASURED and MEASURED_DRB entries (the kernels are compiled
+#    first in parallel processes)
 step 110 "${BENCH[@]}" --ops dwconv --warmup 2 --iters 5 --json "$OUT/dwconv_ops.json"
 # 4. opt-in: the bf16 figures with the Triton depth-wise kernels forced on; where a dense step's time goes;
 #    torch.compile
@@ -49,6 +52,10 @@ fi
 if [ "${LEAN:-0}" = 1 ]; then
     step 150 "${BENCH[@]}" --realistic --lean --precisions bf16 --repeats 1 --warmup 1 --iters 3 \
         --json "$OUT/realistic_lean_bf16.json"
+    if [ "${WITH_TRITON:-0}" = 1 ]; then
+        OVERLOCK_TRITON_DWCONV=1 OVERLOCK_TRITON_DRB=1 step 150 "${BENCH[@]}" --realistic --lean --precisions bf16 \
+            --repeats 1 --warmup 1 --iters 3 --json "$OUT/realistic_lean_triton_bf16.json"
+    fi
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
     step 90 "${BENCH[@]}" --repeats 1 --warmup 1 --iters 3 --batch 2 --size 800 1333 --modes train --backbone \

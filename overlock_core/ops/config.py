@@ -12,6 +12,9 @@ field              environment                 meaning
 ``triton_dwconv``  ``OVERLOCK_TRITON_DWCONV``  the Triton depth-wise convolutions on CUDA: None (unset) where the
                    ``=1`` / ``=0``             measured table says they beat cuDNN, True or False for every supported
                                                convolution
+``triton_drb``     ``OVERLOCK_TRITON_DRB``     a DilatedReparamBlock's branches in one Triton launch per pass on CUDA
+                   ``=1`` / ``=0``             (the lean training form): None where the measured table says it beats a
+                                               launch per branch, True or False everywhere
 =================  ==========================  ========================================================================
 """
 import contextlib
@@ -27,12 +30,14 @@ class KernelConfig:
     cpu_ext: bool = True
     triton_av: bool = True
     triton_dwconv: Optional[bool] = None
+    triton_drb: Optional[bool] = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> 'KernelConfig':
-        dw = env.get('OVERLOCK_TRITON_DWCONV')
+        switch = {'1': True, '0': False}
         return cls(cpu_ext=env.get('OVERLOCK_CPU_EXT', '1') != '0', triton_av=env.get('OVERLOCK_TRITON', '1') != '0',
-                   triton_dwconv={'1': True, '0': False}.get(dw))
+                   triton_dwconv=switch.get(env.get('OVERLOCK_TRITON_DWCONV')),
+                   triton_drb=switch.get(env.get('OVERLOCK_TRITON_DRB')))
 
 
 KERNELS = KernelConfig.from_env()

@@ -23,8 +23,9 @@ result and computes both gradients with forward-style operations:
 The thresholds come from timing every shape OverLoCK meets on a 2-core x86 CPU (oneDNN; see docs/performance.md);
 they only pick between exact methods. On other devices, and for plain 3x3 kernels, ``dw_conv2d`` is ``F.conv2d``;
 on CUDA the fused Triton kernels of ``triton_dwconv`` run instead where ``triton_dwconv.use_triton`` says so
-(cuDNN unless measured slower or switched off). The CPU method runs as the custom operators ``overlock::dw_conv2d``
-and ``overlock::dw_conv2d_backward``, in eager mode and under ``torch.compile`` alike (opaque to the compiler).
+(where measured faster than cuDNN, or switched on). The CPU method and the Triton kernels run as the custom operators
+``overlock::dw_conv2d`` and ``overlock::dw_conv2d_backward``, in eager mode and under ``torch.compile`` alike
+(opaque to the compiler).
 """
 from typing import Optional, Sequence, Tuple
 
@@ -72,8 +73,9 @@ def _layout(x: torch.Tensor, kernel_size: int, dilation: int, cache: Optional[di
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int) -> torch.Tensor:
     k = weight.shape[-1]
-    # CUDA, Triton: only where no autograd graph and no autocast would miss the kernel (autograd functions' bodies)
-    if x.is_cuda and triton_dwconv.use_triton(x, k, dilation) and not torch.is_autocast_enabled('cuda') \
+    # Triton: only where no autograd graph and no autocast would miss the kernel (operators' and autograd functions'
+    # bodies)
+    if triton_dwconv.use_triton(x, k, dilation) and not torch.is_autocast_enabled(x.device.type) \
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) \
             and x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype):
         return triton_dwconv.dwconv_forward(x, weight, bias, dilation)
@@ -228,9 +230,9 @@ def dw_conv2d_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
     to each memory layout once."""
     d, k = dilation, weight.shape[-1]
     pad = [d * (k - 1) // 2] * 2
+    if triton_dwconv.use_triton(x, k, d):
+        return triton_dwconv.dwconv_backward(x, weight, grad, d, mask)
     if x.device.type != 'cpu' or (k <= 3 and d == 1):
-        if x.is_cuda and triton_dwconv.use_triton(x, k, d):
-            return triton_dwconv.dwconv_backward(x, weight, grad, d, mask)
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad, x, weight, None, [1, 1], pad, [d, d], False, [0, 0], weight.shape[0], [mask[0], mask[1], False])
         return grad_x, grad_w
@@ -276,31 +278,38 @@ def dw_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     if plain_ops_active():
         return F.conv2d(x, weight, bias, padding=dilation * (weight.shape[-1] - 1) // 2, dilation=dilation,
                         groups=weight.shape[0])
-    if x.device.type != 'cpu' or (weight.shape[-1] <= 3 and dilation == 1):  # PyTorch's own is fast for 3x3
-        if x.is_cuda and triton_dwconv.use_triton(x, weight.shape[-1], dilation):
-            return triton_dwconv.depthwise_conv2d(x, weight, bias, dilation)
-        return _conv(x, weight, bias, dilation)
-    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
-        return _conv(_layout(x, weight.shape[-1], dilation), weight, bias, dilation)
-    weight, dilation = dense_dilated(weight, dilation, x)
-    x, weight, bias = autocast_args('cpu', x, weight, bias)
-    with torch.autocast('cpu', enabled=False):
+    k, dev = weight.shape[-1], x.device.type
+    if not triton_dwconv.use_triton(x, k, dilation):  # on CUDA the Triton kernels where measured faster (or forced)
+        if dev != 'cpu' or (k <= 3 and dilation == 1):  # cuDNN; PyTorch's own is fast for 3x3
+            return _conv(x, weight, bias, dilation)
+        if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+            return _conv(_layout(x, k, dilation), weight, bias, dilation)
+        weight, dilation = dense_dilated(weight, dilation, x)
+    x, weight, bias = autocast_args(dev, x, weight, bias)
+    with torch.autocast(dev, enabled=False):
         return torch.ops.overlock.dw_conv2d(x, weight, bias, dilation)
 
 
-# The CPU method as custom operators with a registered backward: one mechanism for eager mode and torch.compile
-# (traced, the method would become aten's depth-wise backward, much slower on the CPU for the large kernels, and
-# its data-pointer tests would break the graph). Gradients come back laid out like their inputs.
+# The CPU method and the Triton kernels as custom operators with a registered backward: one mechanism for eager
+# mode and torch.compile (traced, the CPU method would become aten's depth-wise backward, much slower on the CPU for
+# the large kernels, and its data-pointer tests would break the graph). Outputs and gradients come back laid out
+# like their inputs (CPU inputs: in the layout ``_layout`` picks).
+def _op_layout(x: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
+    return _layout(x, kernel_size, dilation) if x.device.type == 'cpu' else x
+
+
 @torch.library.custom_op('overlock::dw_conv2d', mutates_args=())
 def _dw_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   dilation: int) -> torch.Tensor:
-    x = _layout(x, weight.shape[-1], dilation)
+    x = _op_layout(x, weight.shape[-1], dilation)
+    if triton_dwconv.use_triton(x, weight.shape[-1], dilation):
+        return triton_dwconv.dwconv_forward(x, weight, bias, dilation)
     return _laid_out_like(_conv(x, weight, bias, dilation), x)
 
 
 @_dw_conv2d_op.register_fake
 def _(x, weight, bias, dilation):
-    return _laid_out_like(x.new_empty(x.shape), _layout(x, weight.shape[-1], dilation))
+    return _laid_out_like(x.new_empty(x.shape), _op_layout(x, weight.shape[-1], dilation))
 
 
 @torch.library.custom_op('overlock::dw_conv2d_backward', mutates_args=())

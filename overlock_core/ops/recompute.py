@@ -7,8 +7,9 @@ memory several times ConvNeXt-T's. Here the backward recomputes them from what i
 * ``bn_branch_sum``: sum_i BN_i(dwconv_i(x)) in training mode keeps x and the batch statistics (and on maps up to
   16x16 the first branch's output, ``KEEP_FIRST``); the backward re-runs each other branch convolution (a forward
   depth-wise conv) before that branch's BatchNorm and conv backward (on large CPU maps all branches' conv gradients
-  together in frequency space, ``SpectralGrads``). A LayerNorm in front (``norm``) runs inside, its output
-  recomputed instead of kept.
+  together in frequency space, ``SpectralGrads``; on CUDA, where ``triton_dwconv.use_branches`` says so, every
+  branch in one Triton launch per pass). A LayerNorm in front (``norm``) runs inside, its output recomputed instead
+  of kept.
 * ``bn_act``: act(BN(x)) keeps x, not also the BatchNorm output.
 * ``gated_bn_conv``: conv1x1(BN(y * s * gate)) (the Focus-Net block's output projection) keeps y, s and gate.
 * ``dw_bn_act_conv``: conv1x1(GELU(BN(DW3x3(x)))) (the Focus-Net fusion chain) keeps x, not also the BatchNorm
@@ -26,6 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import triton_dwconv
 from .dwconv import SMALL_MAP, SpectralGrads, _conv, _layout, autocast_args, dw_conv2d_backward
 from .grn import _channels_last, grn_backward, grn_forward, grn_scale
 
@@ -67,32 +69,33 @@ class _BranchSum(torch.autograd.Function):
         # invstd_i: each branch output is read for its statistics and once more for a multiply-add into the sum (in
         # at least fp32), with no normalised copy written and read again (fewer passes through memory)
         out, shift, stats, layouts, kept = None, 0, [], {}, None
-        for w, d, (rm, rv, momentum, eps), gamma, beta in zip(weights, dilations, bn_args, gammas, betas):
-            z = _conv(_layout(u, w.shape[-1], d, layouts), w, None, d)
+        # CUDA: every branch in one Triton launch where measured faster (``triton_dwconv.use_branches``)
+        fused = triton_dwconv.use_branches(u, [w.shape[-1] for w in weights], dilations)
+        zs = triton_dwconv.branches_forward(u, weights, dilations) if fused else None
+        for i, (w, d, (rm, rv, momentum, eps), gamma, beta) in enumerate(zip(weights, dilations, bn_args, gammas,
+                                                                             betas)):
+            z = zs[i] if fused else _conv(_layout(u, w.shape[-1], d, layouts), w, None, d)
             mean, var = torch.batch_norm_update_stats(z, rm, rv, momentum)  # running statistics as BatchNorm2d's
             invstd = 1 / (var + eps).sqrt()
             s = gamma * invstd
             shift = shift + beta - mean * s
             if out is None:
                 out = torch.mul(z, s.view(1, -1, 1, 1))
-                kept = z if z.shape[-2] * z.shape[-1] <= KEEP_FIRST else None
+                kept = z if z.shape[-2] * z.shape[-1] <= KEEP_FIRST and not fused else None
             else:
                 out.addcmul_(z, s.view(1, -1, 1, 1))
             stats += [mean, invstd]
         out = out.add_(shift.view(1, -1, 1, 1)).to(dtype)
         ctx.save_for_backward(x, *weights, *gammas, *stats, *ln, *ln_stats, kept)
         ctx.dilations, ctx.eps, ctx.ln_eps, ctx.dtype = dilations, [a[3] for a in bn_args], ln_eps, dtype
+        ctx.fused = fused
         return out
 
     @staticmethod
-    def backward(ctx, g):
-        n = len(ctx.dilations)
-        x, *saved, kept = ctx.saved_tensors  # read once (checkpointing allows one unpack)
-        weights, gammas, stats, ln = saved[:n], saved[n:2 * n], saved[2 * n:4 * n], saved[4 * n:]
-        need = ctx.needs_input_grad
-        has_ln = ctx.ln_eps is not None
-        need_x = need[0] or (has_ln and (need[5 + 3 * n] or need[6 + 3 * n]))  # the LayerNorm's grads need it too
-        u = x if not has_ln else _ln2d(x, ln[0], ln[1], ctx.ln_eps)[0].to(ctx.dtype)  # recomputed
+    def _branch_grads(ctx, g, u, kept, weights, gammas, stats, need_w, need_x):
+        """(input gradient, kernel, gamma and beta gradients) branch by branch: each output recomputed (or the kept
+        first one), its BatchNorm backward, then its convolution's gradients (on large CPU maps in frequency space
+        for all branches together, ``SpectralGrads``)."""
         grad_x, grads_w, grads_g, grads_b, layouts, scratch = None, [], [], [], {}, {}
         sizes = [w.shape[-1] for w in weights]
         spectral = SpectralGrads(u, sizes, ctx.dilations) if SpectralGrads.use(u, sizes) else None
@@ -109,9 +112,9 @@ class _BranchSum(torch.autograd.Function):
             del z
             kept = None
             if freq:  # large maps: the branches' gradients in frequency space
-                gw = spectral.add(w, d, gz, (need_x, need[5 + i]))
+                gw = spectral.add(w, d, gz, (need_x, need_w[i]))
             else:
-                gx, gw = dw_conv2d_backward(u, w, gz, d, (need_x, need[5 + i]), layouts)
+                gx, gw = dw_conv2d_backward(u, w, gz, d, (need_x, need_w[i]), layouts)
                 grad_x = gx if grad_x is None or gx is None else grad_x.add_(gx)
             grads_w.append(gw)
             grads_g.append(gg)
@@ -120,10 +123,44 @@ class _BranchSum(torch.autograd.Function):
             gx = spectral.input_grad()  # plus the input gradients of branches it did not take
             if gx is not None:
                 grad_x = gx if grad_x is None else gx.add_(grad_x)
-            del spectral
+        return grad_x, grads_w, grads_g, grads_b
+
+    @staticmethod
+    def _fused_grads(ctx, g, u, kept, weights, gammas, stats, need_w, need_x):
+        """(input gradient, kernel, gamma and beta gradients) with the branches' convolutions in one Triton launch
+        per pass: the outputs recomputed together, the BatchNorm backwards written into one stack of output
+        gradients, then the summed input gradient and every kernel gradient from that stack."""
+        zs = triton_dwconv.branches_forward(u, weights, ctx.dilations)
+        gzs = torch.empty_like(zs)
+        grads_g, grads_b = [], []
+        for i, (gamma, eps) in enumerate(zip(gammas, ctx.eps)):
+            _, gg, gb = torch.ops.aten.native_batch_norm_backward.out(
+                g, zs[i], gamma, None, None, stats[2 * i], stats[2 * i + 1], True, eps, [True, True, True],
+                out0=gzs[i], out1=torch.empty_like(gamma), out2=torch.empty_like(gamma))
+            grads_g.append(gg)
+            grads_b.append(gb)
+        del zs
+        grad_x = triton_dwconv.branches_input_grad(gzs, weights, ctx.dilations) if need_x else None
+        grads_w = [None] * len(weights)
+        if any(need_w):
+            grads_w = [gw if need else None for gw, need in
+                       zip(triton_dwconv.branches_weight_grad(u, gzs, weights, ctx.dilations), need_w)]
+        return grad_x, grads_w, grads_g, grads_b
+
+    @staticmethod
+    def backward(ctx, g):
+        n = len(ctx.dilations)
+        x, *saved, kept = ctx.saved_tensors  # read once (checkpointing allows one unpack)
+        weights, gammas, stats, ln = saved[:n], saved[n:2 * n], saved[2 * n:4 * n], saved[4 * n:]
+        need = ctx.needs_input_grad
+        has_ln = ctx.ln_eps is not None
+        need_x = need[0] or (has_ln and (need[5 + 3 * n] or need[6 + 3 * n]))  # the LayerNorm's grads need it too
+        u = x if not has_ln else _ln2d(x, ln[0], ln[1], ctx.ln_eps)[0].to(ctx.dtype)  # recomputed
+        grads = _BranchSum._fused_grads if ctx.fused else _BranchSum._branch_grads
+        grad_x, grads_w, grads_g, grads_b = grads(ctx, g, u, kept, weights, gammas, stats, need[5:5 + n], need_x)
         grads_ln = []
         if has_ln:
-            del u, layouts
+            del u
             lw, lb, mean, rstd = ln
             gx, glw, glb = torch.ops.aten.native_layer_norm_backward(
                 grad_x.to(x.dtype).permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), [x.shape[1]], mean, rstd, lw, lb,

@@ -1,36 +1,52 @@
-"""Fused depth-wise 'same' convolution in Triton for CUDA: forward, input gradient and weight gradient.
+"""Fused depth-wise 'same' convolutions in Triton for CUDA: forward, input gradient and weight gradient, of one
+convolution or of a DilatedReparamBlock's parallel branches in one launch per pass.
 
 OverLoCK's depth-wise convolutions (K x K kernels up to 17x17, dilated 3x3 to 9x9 re-parameterisation branches)
 go through cuDNN's direct kernels, which are slow for wide kernels in all three passes. These kernels run the three
-passes straight from the inputs, with fp32 accumulation whatever the input dtype:
+passes straight from the inputs, with fp32 accumulation whatever the input dtype. A convolution is given as a list
+of taps, each an offset (di, dj) and a column of the packed (C, T) weights (``_tap_table``); a set of branches is
+the concatenation of their lists:
 
-* forward: a program takes a tile of pixels (TILE_H x TILE_W) of BLOCK_C channels of one image and walks the K x K
-  taps, each a load of the shifted input tile (zero outside the map: 'same' padding d * (K - 1) / 2) times the
-  tap's weights; bias added at the end;
-* input gradient: the same kernel on the output gradient with the kernel flipped (stride 1, 'same' padding: the
-  transposed convolution is the convolution with the flipped kernel);
+* forward: a program takes a tile of pixels (TILE_H x TILE_W) of BLOCK_C channels of one image and, branch by
+  branch, walks the taps, each a load of the shifted input tile (zero outside the map: 'same' padding
+  d * (K - 1) / 2) times the tap's weights, and stores that branch's output (bias added for a single convolution);
+* input gradient: the same kernel on the output gradients with the offsets negated (stride 1, 'same' padding: the
+  transposed convolution is the convolution with the flipped kernel), every branch summed into one accumulator
+  and stored once;
 * weight gradient: a program takes BLOCK_C channels and a share of the (image, tile) pairs; per tap it sums
   grad * shifted input over its share and writes one fp32 partial sum per channel and tap; the shares are then
   summed by torch (deterministic, no atomics). The bias gradient is a plain torch sum.
 
+A DilatedReparamBlock of OverLoCK-T has 5-7 convolutions: one launch per pass instead of one per convolution, the
+input gradient written once instead of per convolution and added up (``branches_forward``, ``branches_input_grad``,
+``branches_weight_grad``; used by the lean DilatedReparamBlock function, ``ops.recompute.bn_branch_sum``).
+
 Strides are arguments, so NCHW and channels-last tensors (and strided views) run without a copy; the tile shape
 follows the layout (wide channel blocks for channels-last, wide pixel rows for NCHW). Odd kernels 3 to 17,
-dilation >= 1, stride 1; fp32, fp16, bf16 (and fp64 through the interpreter). ``TRITON_INTERPRET=1`` runs the same
-kernels on CPU tensors, which is how the test suite checks them without a GPU.
+dilation >= 1, stride 1; fp32, fp16, bf16 (and fp64 through the interpreter). With ``TRITON_INTERPRET=1`` set
+before this module is imported, the kernels run on CPU tensors in Triton's interpreter, which is how the test suite
+checks them, and the operators' dispatch to them, without a GPU.
 
-Dispatch (``use_triton``, called by ``dwconv.dw_conv2d`` and the training-form functions on CUDA): cuDNN stays the
-default. ``KERNELS.triton_dwconv`` (``ops.config``; ``OVERLOCK_TRITON_DWCONV=1``) forces these kernels for every
-supported convolution on CUDA, False (``=0``) forces cuDNN; otherwise ``MEASURED[(kernel, dilation, map_bucket(h, w),
-dtype name)]`` decides, and a missing entry means cuDNN. The table is filled from a GPU run of
+Dispatch: cuDNN stays the default.
+
+* ``use_triton`` (one convolution; ``dwconv.dw_conv2d``, its backward and the training-form functions):
+  ``KERNELS.triton_dwconv`` (``ops.config``; ``OVERLOCK_TRITON_DWCONV=1``) forces these kernels for every supported
+  convolution on CUDA, False (``=0``) forces cuDNN; otherwise ``MEASURED[(kernel, dilation, map_bucket(h, w), dtype
+  name)]`` decides, and a missing entry means cuDNN.
+* ``use_branches`` (a DilatedReparamBlock's branches together): ``KERNELS.triton_drb`` (``OVERLOCK_TRITON_DRB``) the
+  same way, else ``MEASURED_DRB[(block kernel, map_bucket(h, w), dtype name)]``.
+
+CPU tensors take them only in the interpreter, when the switch is True. The tables are filled from a GPU run of
 
     python tools/benchmark.py --device cuda --ops dwconv --json dwconv.json
 
-which times cuDNN against these kernels (forward + both gradients) on the shapes OverLoCK meets, in fp16 and bf16,
-NCHW and channels-last, and prints the entries to paste here: True where the kernels were faster in every layout
-measured for that key.
+which times cuDNN against these kernels (forward + both gradients) on the shapes OverLoCK meets, one convolution
+at a time and each block's branches together, in fp16 and bf16, NCHW and channels-last, and prints the entries to
+paste here: True where the kernels were faster in every layout measured for that key.
 """
+import functools
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -43,23 +59,28 @@ try:
 except ImportError:  # CPU-only installs: cuDNN / PyTorch serve every convolution
     triton = None
 
-__all__ = ['MEASURED', 'available', 'decide', 'depthwise_conv2d', 'dwconv_backward', 'dwconv_forward',
-           'dwconv_input_grad', 'dwconv_weight_grad', 'map_bucket', 'supported', 'use_triton']
+__all__ = ['MEASURED', 'MEASURED_DRB', 'available', 'branches_forward', 'branches_input_grad',
+           'branches_weight_grad', 'decide', 'decide_branches', 'dwconv_backward', 'dwconv_forward', 'dwconv_input_grad',
+           'dwconv_weight_grad', 'map_bucket', 'supported', 'use_branches', 'use_triton']
 
 DTYPE_NAMES = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}
 MAP_BUCKETS = (16, 32, 64, 128, 256)  # map_bucket: the side of the smallest of these squares holding the map
+INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'  # read by Triton when the kernels below are defined
 
 # (kernel, dilation, map bucket, dtype name) -> whether the Triton kernels beat cuDNN there (fwd + both grads).
 # Empty until measured on a GPU (see the module docstring): cuDNN everywhere.
 MEASURED: Dict[Tuple[int, int, int, str], bool] = {}
+# (DilatedReparamBlock kernel, map bucket, dtype name) -> whether its branches in one launch per pass beat cuDNN's
+# launch per branch (fwd + both grads). Empty until measured: per branch.
+MEASURED_DRB: Dict[Tuple[int, int, str], bool] = {}
 
 
 def available(t: torch.Tensor) -> bool:
     """Whether the kernels can serve this tensor: Triton installed, not while torch.compile traces, and the tensor
-    on CUDA (or on the CPU with Triton's interpreter on)."""
+    on CUDA (or on the CPU with the kernels in Triton's interpreter)."""
     if triton is None or torch.compiler.is_compiling():
         return False
-    return t.is_cuda or (t.device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') == '1')
+    return t.is_cuda or (t.device.type == 'cpu' and INTERPRETED)
 
 
 def supported(kernel_size: int, dilation: int) -> bool:
@@ -73,32 +94,62 @@ def map_bucket(h: int, w: int) -> int:
     return next((s for s in MAP_BUCKETS if h * w <= s * s), 0)
 
 
+def _switch(flag: Optional[bool], table: Dict, key: Tuple, dtype: torch.dtype) -> bool:
+    """A forced choice (True: any dtype the kernels run, fp64 included) or the measured table's entry for key."""
+    if flag is not None:
+        return flag and (dtype in DTYPE_NAMES or dtype == torch.float64)
+    return dtype in DTYPE_NAMES and table.get(key + (DTYPE_NAMES[dtype],), False)
+
+
 def decide(kernel_size: int, dilation: int, hw: Tuple[int, int], dtype: torch.dtype) -> bool:
     """The dispatch rule without the device checks: ``KERNELS.triton_dwconv`` if set, else the measured table."""
-    if not supported(kernel_size, dilation) or dtype not in DTYPE_NAMES:
+    if not supported(kernel_size, dilation):
         return False
-    if KERNELS.triton_dwconv is not None:
-        return KERNELS.triton_dwconv
-    return MEASURED.get((kernel_size, dilation, map_bucket(*hw), DTYPE_NAMES[dtype]), False)
+    return _switch(KERNELS.triton_dwconv, MEASURED, (kernel_size, dilation, map_bucket(*hw)), dtype)
+
+
+def _run_dtype(x: torch.Tensor, flag: Optional[bool]) -> Optional[torch.dtype]:
+    """The dtype a conv of x runs in (autocast's when on), or None where the kernels must not serve x: not
+    ``available``, not a 4-d map, a dispatch mode watching (FLOP counters and tracers see cuDNN's op), or a CPU
+    tensor without the switch forced on."""
+    if not x.is_cuda and flag is not True:  # first: the CPU paths pay one test
+        return None
+    if x.dim() != 4 or not available(x) or _get_current_dispatch_mode() is not None:
+        return None
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def use_triton(x: torch.Tensor, kernel_size: int, dilation: int) -> bool:
-    """Whether a depth-wise conv of x (N, C, H, W) runs through these kernels: CUDA tensors only, never while a
-    dispatch mode watches (FLOP counters, tracers see cuDNN's op), then ``decide`` for the dtype it will run in
-    (autocast's when on)."""
-    if not x.is_cuda or x.dim() != 4 or not available(x) or _get_current_dispatch_mode() is not None:
+    """Whether a depth-wise conv of x (N, C, H, W) runs through these kernels (``_run_dtype``, then ``decide``)."""
+    dtype = _run_dtype(x, KERNELS.triton_dwconv)
+    return dtype is not None and decide(kernel_size, dilation, tuple(x.shape[-2:]), dtype)
+
+
+def decide_branches(kernel_sizes: Sequence[int], dilations: Sequence[int], hw: Tuple[int, int],
+                    dtype: torch.dtype) -> bool:
+    """The rule for a DilatedReparamBlock's branches (the large kernel first) in one launch per pass, without the
+    device checks: ``KERNELS.triton_drb`` if set, else ``MEASURED_DRB``."""
+    if not all(supported(k, d) for k, d in zip(kernel_sizes, dilations)):
         return False
-    dtype = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else x.dtype
-    return decide(kernel_size, dilation, tuple(x.shape[-2:]), dtype)
+    return _switch(KERNELS.triton_drb, MEASURED_DRB, (kernel_sizes[0], map_bucket(*hw)), dtype)
+
+
+def use_branches(x: torch.Tensor, kernel_sizes: Sequence[int], dilations: Sequence[int]) -> bool:
+    """Whether a DilatedReparamBlock's branches run on x together (``_run_dtype``, then ``decide_branches``)."""
+    dtype = _run_dtype(x, KERNELS.triton_drb)
+    return dtype is not None and decide_branches(kernel_sizes, dilations, tuple(x.shape[-2:]), dtype)
 
 
 if triton is not None:
     # sizes not specialised on (one compiled kernel for every map size); strides are (contiguity, alignment)
-    @triton.jit(do_not_specialize=['C', 'H', 'W'])
-    def _dwconv_kernel(x, w, b, out, C, H, W, sxn, sxc, sxh, sxw, son, soc, soh, sow,
-                     K: tl.constexpr, DIL: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    @triton.jit(do_not_specialize=['C', 'H', 'W', 'T', 'NB'])
+    def _taps_kernel(x, w, taps, starts, b, out, C, H, W, T, NB, sxb, sxn, sxc, sxh, sxw, sob, son, soc, soh, sow,
+                     SUM: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                      TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        """out[n, c, i, j] = sum_ab w[c, a, b] x[n, c, i + (a - K // 2) DIL, j + (b - K // 2) DIL] (+ b[c])."""
+        """Branch q has the taps t of starts[q] <= t < starts[q + 1]; tap t reads its input map shifted by
+        (taps[2t], taps[2t + 1]) (zero outside the map) times w[:, t]. SUM: out = the sum over every branch, branch
+        q reading input q (x + q * sxb); else out[q] (out + q * sob) = branch q's sum on x (sxb = 0) (+ b)."""
         n = tl.program_id(2).to(tl.int64)
         tiles_w = tl.cdiv(W, TILE_W)
         p = tl.arange(0, TILE_H * TILE_W)
@@ -106,40 +157,46 @@ if triton is not None:
         j = (tl.program_id(0) % tiles_w) * TILE_W + p % TILE_W
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < C
-        R: tl.constexpr = K // 2
-        x_ch = x + n * sxn + (c * sxc)[None, :]
+        pix = (i * soh + j * sow)[:, None]
+        ok = ((i < H) & (j < W))[:, None] & c_ok[None, :]
         acc = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
-        for a in range(K):
-            ii = i + (a - R) * DIL
-            row_ok = (ii >= 0) & (ii < H)
-            for bb in tl.static_range(K):
-                jj = j + (bb - R) * DIL
-                m = row_ok & (jj >= 0) & (jj < W)
-                xv = tl.load(x_ch + (ii * sxh + jj * sxw)[:, None], mask=m[:, None] & c_ok[None, :], other=0.0)
-                wv = tl.load(w + c * (K * K) + (a * K + bb), mask=c_ok, other=0.0)
+        x_q = x + n * sxn + (c * sxc)[None, :]  # input map q, output map q: advanced by sxb, sob per branch
+        out_q = out + n * son + (c * soc)[None, :] + pix
+        for q in range(NB):
+            for t in range(tl.load(starts + q), tl.load(starts + q + 1)):
+                ii = i + tl.load(taps + 2 * t)
+                jj = j + tl.load(taps + 2 * t + 1)
+                m = (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
+                xv = tl.load(x_q + (ii * sxh + jj * sxw)[:, None], mask=m[:, None] & c_ok[None, :], other=0.0)
+                wv = tl.load(w + c * T + t, mask=c_ok, other=0.0)
                 acc += xv.to(ACC) * wv.to(ACC)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b + c, mask=c_ok, other=0.0).to(ACC)[None, :]
-        ok = (i < H) & (j < W)
-        tl.store(out + n * son + (c * soc)[None, :] + (i * soh + j * sow)[:, None], acc.to(out.dtype.element_ty),
-                 mask=ok[:, None] & c_ok[None, :])
+            if not SUM:
+                if HAS_BIAS:
+                    acc += tl.load(b + c, mask=c_ok, other=0.0).to(ACC)[None, :]
+                tl.store(out_q, acc.to(out.dtype.element_ty), mask=ok)
+                acc = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
+            x_q += sxb
+            out_q += sob
+        if SUM:
+            tl.store(out + n * son + (c * soc)[None, :] + pix, acc.to(out.dtype.element_ty), mask=ok)
 
-    @triton.jit(do_not_specialize=['C', 'H', 'W', 'N', 'SPLIT'])
-    def _dwconv_wgrad_kernel(x, g, part, C, H, W, N, SPLIT, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
-                            K: tl.constexpr, DIL: tl.constexpr, ACC: tl.constexpr,
-                            TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        """part[s, c, a * K + b] = sum over the (image, tile) pairs s, s + SPLIT, ... of
-        g[n, c, i, j] x[n, c, i + (a - K // 2) DIL, j + (b - K // 2) DIL]."""
+    @triton.jit(do_not_specialize=['C', 'H', 'W', 'N', 'SPLIT', 'T'])
+    def _taps_wgrad_kernel(x, g, taps, branch, part, C, H, W, N, SPLIT, T, sxn, sxc, sxh, sxw, sgb, sgn, sgc, sgh,
+                           sgw, ACC: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+        """part[s, c, t] = sum over the (image, tile) pairs s, s + SPLIT, ... of
+        g_q[n, c, i, j] x[n, c, i + taps[2t], j + taps[2t + 1]], g_q = g + q * sgb the gradient of tap t's branch
+        q = branch[t]."""
         s0 = tl.program_id(0)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < C
-        R: tl.constexpr = K // 2
         tiles_w = tl.cdiv(W, TILE_W)
         tiles = tl.cdiv(H, TILE_H) * tiles_w
         p = tl.arange(0, TILE_H * TILE_W)
-        for t in range(K * K):
-            di = (t // K - R) * DIL
-            dj = (t % K - R) * DIL
+        for t in range(T):
+            di = tl.load(taps + 2 * t)
+            dj = tl.load(taps + 2 * t + 1)
+            g_t = g + tl.load(branch + t).to(tl.int64) * sgb
             acc = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC)
             for s in range(s0, N * tiles, SPLIT):
                 n = (s // tiles).to(tl.int64)
@@ -147,7 +204,7 @@ if triton is not None:
                 i = (tile // tiles_w) * TILE_H + p // TILE_W
                 j = (tile % tiles_w) * TILE_W + p % TILE_W
                 ok = (i < H) & (j < W)
-                gv = tl.load(g + n * sgn + (c * sgc)[None, :] + (i * sgh + j * sgw)[:, None],
+                gv = tl.load(g_t + n * sgn + (c * sgc)[None, :] + (i * sgh + j * sgw)[:, None],
                              mask=ok[:, None] & c_ok[None, :], other=0.0)
                 ii = i + di
                 jj = j + dj
@@ -155,7 +212,7 @@ if triton is not None:
                 xv = tl.load(x + n * sxn + (c * sxc)[None, :] + (ii * sxh + jj * sxw)[:, None],
                              mask=m[:, None] & c_ok[None, :], other=0.0)
                 acc += gv.to(ACC) * xv.to(ACC)
-            tl.store(part + s0 * C * K * K + c * (K * K) + t, tl.sum(acc, axis=0), mask=c_ok)
+            tl.store(part + (s0 * C + c) * T + t, tl.sum(acc, axis=0), mask=c_ok)
 
 
 def _pow2(v: int) -> int:
@@ -185,43 +242,75 @@ def _acc(t: torch.Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
-def _check(x: torch.Tensor, kernel_size: int, dilation: int):
-    if not supported(kernel_size, dilation) or x.dim() != 4:
+def _check(x: torch.Tensor, sizes: Sequence[int], dilations: Sequence[int]):
+    if x.dim() != 4 or not all(supported(k, d) for k, d in zip(sizes, dilations)):
         raise ValueError(f'Triton depth-wise conv: odd kernels 3 to 17, dilation >= 1, (N, C, H, W) input; '
-                         f'got kernel {kernel_size}, dilation {dilation}, input shape {tuple(x.shape)}')
+                         f'got kernels {list(sizes)}, dilations {list(dilations)}, input shape {tuple(x.shape)}')
 
 
-def _conv(x: torch.Tensor, kernel: torch.Tensor, bias: Optional[torch.Tensor], dilation: int) -> torch.Tensor:
-    """The forward kernel on x with a contiguous (C, K * K) ``kernel``; output in x's dtype and memory layout."""
-    n, c, h, w = x.shape
-    k = int(round(kernel.shape[-1] ** 0.5))
-    out = torch.empty_like(x, memory_format=torch.preserve_format)
+@functools.lru_cache(maxsize=None)
+def _tap_table(sizes: Tuple[int, ...], dilations: Tuple[int, ...], sign: int,
+               device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offsets (T, 2), starts (branches + 1), branch of each tap (T)), int32 on ``device``, for 'same' kernels of
+    ``sizes`` with ``dilations``, taps in row-major order; ``sign`` -1 negates the offsets (input gradient). Cached:
+    built once per block shape, not copied to the device at every call."""
+    offsets, starts, branch = [], [0], []
+    for q, (k, d) in enumerate(zip(sizes, dilations)):
+        r = k // 2
+        offsets += [(sign * (a - r) * d, sign * (b - r) * d) for a in range(k) for b in range(k)]
+        branch += [q] * (k * k)
+        starts.append(len(offsets))
+    return tuple(torch.tensor(v, dtype=torch.int32, device=device) for v in (offsets, starts, branch))
+
+
+def _packed(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(C, T): each (C, 1, k, k) kernel's taps in row-major order, branch after branch."""
+    return torch.cat([w.reshape(w.shape[0], -1) for w in weights], 1).contiguous()
+
+
+def _stacked(like: torch.Tensor, n: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An empty (n, N, C, H, W) tensor whose maps are laid out like ``like``: channels-last or contiguous."""
+    b, c, h, w = like.shape
+    dtype = dtype or like.dtype
+    if like.stride(1) == 1 and c > 1:
+        return like.new_empty(n, b, h, w, c, dtype=dtype).permute(0, 1, 4, 2, 3)
+    return like.new_empty(n, b, c, h, w, dtype=dtype)
+
+
+def _launch(x: torch.Tensor, sxb: int, weights: Sequence[torch.Tensor], dilations: Sequence[int], out: torch.Tensor,
+            sob: int, summed: bool, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One ``_taps_kernel`` launch: x is input map 0 (the next ones sxb elements apart), out output map 0 (sob)."""
+    n, c, h, w = out.shape[-4:]
+    sizes = tuple(wt.shape[-1] for wt in weights)
+    taps, starts, _ = _tap_table(sizes, tuple(dilations), -1 if summed else 1, x.device)
     if out.numel() == 0:
         return out
     th, tw, bc = _tiles(x)
     grid = (triton.cdiv(h, th) * triton.cdiv(w, tw), triton.cdiv(c, bc), n)
-    _dwconv_kernel[grid](x, kernel, bias if bias is not None else kernel, out, c, h, w, *x.stride(), *out.stride(),
-                         K=k, DIL=dilation, HAS_BIAS=bias is not None, ACC=_acc(x), TILE_H=th, TILE_W=tw, BLOCK_C=bc)
+    kernel = _packed(weights)
+    _taps_kernel[grid](x, kernel, taps, starts, bias if bias is not None else kernel, out, c, h, w, kernel.shape[1],
+                       len(sizes), sxb, *x.stride(), sob, *out.stride()[-4:], SUM=summed, HAS_BIAS=bias is not None,
+                       ACC=_acc(x), TILE_H=th, TILE_W=tw, BLOCK_C=bc)
     return out
 
 
-def dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   dilation: int) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=dilation * (K - 1) // 2, dilation=dilation, groups=C) for weight
-    (C, 1, K, K): in x's dtype (fp32 accumulation) and memory layout."""
-    k = weight.shape[-1]
-    _check(x, k, dilation)
-    kernel = weight.reshape(weight.shape[0], k * k).contiguous()
-    return _conv(x, kernel, bias.contiguous() if bias is not None else None, dilation)
+def branches_forward(x: torch.Tensor, weights: Sequence[torch.Tensor], dilations: Sequence[int]) -> torch.Tensor:
+    """(B, N, C, H, W): the depth-wise 'same' convolution of x with each (C, 1, k, k) weight of ``weights`` at its
+    dilation, one launch; each map in x's dtype and memory layout."""
+    _check(x, [wt.shape[-1] for wt in weights], dilations)
+    out = _stacked(x, len(weights))
+    _launch(x, 0, weights, dilations, out[0], out.stride(0), summed=False)
+    return out
 
 
-def dwconv_input_grad(grad: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
-    """Gradient of ``dwconv_forward`` with respect to its input: the convolution of the output gradient with the
-    flipped kernel; in grad's dtype and memory layout."""
-    k = weight.shape[-1]
-    _check(grad, k, dilation)
-    kernel = weight.flip(2, 3).reshape(weight.shape[0], k * k).contiguous()
-    return _conv(grad, kernel, None, dilation)
+def branches_input_grad(grads: torch.Tensor, weights: Sequence[torch.Tensor], dilations: Sequence[int]
+                        ) -> torch.Tensor:
+    """Gradient of ``branches_forward``'s input from the output gradients ``grads`` (B, N, C, H, W), summed over
+    the branches in one accumulator, one launch; in the gradients' dtype and layout."""
+    g = grads[0]
+    _check(g, [wt.shape[-1] for wt in weights], dilations)
+    out = torch.empty_like(g, memory_format=torch.preserve_format)
+    return _launch(g, grads.stride(0), weights, dilations, out, 0, summed=True)
 
 
 def _split(x: torch.Tensor, pairs: int, c_blocks: int) -> int:
@@ -232,23 +321,57 @@ def _split(x: torch.Tensor, pairs: int, c_blocks: int) -> int:
     return max(1, min(pairs, 4 * sms // c_blocks))
 
 
+def _weight_grads(x: torch.Tensor, g: torch.Tensor, sgb: int, sizes: Sequence[int],
+                  dilations: Sequence[int]) -> torch.Tensor:
+    """(C, T) kernel gradients of branches ``sizes``/``dilations`` on x, g output gradient 0 (the next ones sgb
+    elements apart), in at least fp32."""
+    _check(x, sizes, dilations)
+    taps, _, branch = _tap_table(tuple(sizes), tuple(dilations), 1, x.device)
+    n, c, h, w = x.shape
+    th, tw, bc = _tiles(x)
+    pairs = n * triton.cdiv(h, th) * triton.cdiv(w, tw)
+    c_blocks = triton.cdiv(c, bc)
+    split = _split(x, pairs, c_blocks)
+    part = torch.zeros(split, c, taps.shape[0], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    if pairs > 0:
+        _taps_wgrad_kernel[(split, c_blocks)](x, g, taps, branch, part, c, h, w, n, split, taps.shape[0],
+                                              *x.stride(), sgb, *g.stride(), ACC=_acc(x), TILE_H=th, TILE_W=tw,
+                                              BLOCK_C=bc)
+    return part.sum(0)
+
+
+def branches_weight_grad(x: torch.Tensor, grads: torch.Tensor, weights: Sequence[torch.Tensor],
+                         dilations: Sequence[int]) -> List[torch.Tensor]:
+    """The (C, 1, k, k) gradient of each kernel of ``branches_forward`` from the output gradients ``grads``
+    (B, N, C, H, W), one launch; fp32 accumulation, in the weights' dtypes."""
+    sizes = [wt.shape[-1] for wt in weights]
+    flat = _weight_grads(x, grads[0], grads.stride(0), sizes, dilations)
+    return [part.reshape(wt.shape).to(wt.dtype) for part, wt in zip(flat.split([k * k for k in sizes], 1), weights)]
+
+
+def dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   dilation: int) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=dilation * (K - 1) // 2, dilation=dilation, groups=C) for weight
+    (C, 1, K, K): in x's dtype (fp32 accumulation) and memory layout."""
+    _check(x, [weight.shape[-1]], [dilation])
+    out = torch.empty_like(x, memory_format=torch.preserve_format)
+    return _launch(x, 0, [weight], [dilation], out, 0, summed=False,
+                   bias=bias.contiguous() if bias is not None else None)
+
+
+def dwconv_input_grad(grad: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
+    """Gradient of ``dwconv_forward`` with respect to its input (the convolution of the output gradient with the
+    flipped kernel); in grad's dtype and memory layout."""
+    return branches_input_grad(grad[None], [weight], [dilation])
+
+
 def dwconv_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int,
                        dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """(C, 1, K, K) gradient of ``dwconv_forward``'s kernel: sum over images and pixels of
     grad[n, c, i, j] * x[n, c, i + (a - K // 2) * d, j + (b - K // 2) * d] (zero outside the map), accumulated in
     fp32, returned in ``dtype`` (the weight's; x's when None)."""
-    _check(x, kernel_size, dilation)
-    n, c, h, w = x.shape
-    k = kernel_size
-    th, tw, bc = _tiles(x)
-    pairs = n * triton.cdiv(h, th) * triton.cdiv(w, tw)
-    c_blocks = triton.cdiv(c, bc)
-    split = _split(x, pairs, c_blocks)
-    part = torch.zeros(split, c, k * k, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    if pairs > 0:
-        _dwconv_wgrad_kernel[(split, c_blocks)](x, grad, part, c, h, w, n, split, *x.stride(), *grad.stride(),
-                                                K=k, DIL=dilation, ACC=_acc(x), TILE_H=th, TILE_W=tw, BLOCK_C=bc)
-    return part.sum(0).view(c, 1, k, k).to(dtype or x.dtype)
+    flat = _weight_grads(x, grad, 0, [kernel_size], [dilation])
+    return flat.view(x.shape[1], 1, kernel_size, kernel_size).to(dtype or x.dtype)
 
 
 def dwconv_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, dilation: int,
@@ -257,34 +380,3 @@ def dwconv_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, d
     gx = dwconv_input_grad(grad, weight, dilation) if mask[0] else None
     gw = dwconv_weight_grad(x, grad, weight.shape[-1], dilation, weight.dtype) if mask[1] else None
     return gx, gw
-
-
-class _DepthwiseConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, dilation):
-        ctx.save_for_backward(x, weight)
-        ctx.dilation, ctx.has_bias = dilation, bias is not None
-        return dwconv_forward(x, weight, bias, dilation)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        gx, gw = dwconv_backward(x, weight, grad, ctx.dilation, need[:2])
-        gb = None
-        if ctx.has_bias and need[2]:
-            gb = grad.sum((0, 2, 3), dtype=torch.promote_types(grad.dtype, torch.float32)).to(weight.dtype)
-        return gx, gw, gb, None
-
-
-def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     dilation: int = 1) -> torch.Tensor:
-    """Differentiable depth-wise 'same' convolution through the kernels; under autocast it runs in the autocast
-    dtype, as cuDNN's would."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    with torch.autocast(dev, enabled=False):
-        return _DepthwiseConv.apply(x, weight, bias, dilation)
