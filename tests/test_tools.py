@@ -87,3 +87,20 @@ def test_benchmark_dwconv_table_entries():
             dict(row, k=15, d='drb', layout='nchw', cudnn=5.0, triton_error='boom')]
     assert benchmark.measured_entries(rows) == {(17, 1, 64, 'bf16'): False, (9, 2, 64, 'bf16'): True}
     assert benchmark.measured_entries(rows, drb=True) == {(17, 64, 'bf16'): True}
+
+
+def test_benchmark_realistic_suite_runs_on_the_cpu(tmp_path):
+    """The GPU figures' command (--realistic) end to end on a tiny model: the training (AdamW step), inference and
+    dense backbone cases under bf16 and fp16 autocast (GradScaler), channels-last, in the table and the JSON."""
+    out = tmp_path / 'r.json'
+    res = subprocess.run([sys.executable, 'tools/benchmark.py', '--realistic', '--models', 'test_overlock',
+                          '--size', '64', '64', '--realistic-batch', '2', '--dense-size', '64', '96',
+                          '--dense-batch', '1', '--precisions', 'bf16', 'fp16', '--repeats', '1', '--warmup', '0',
+                          '--iters', '1', '--threads', '1', '--json', str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())['rows']
+    assert {(r['precision'], r['case']) for r in rows} == {(p, c) for p in ('bf16', 'fp16')
+                                                           for c in ('train', 'infer', 'dense')}
+    assert all('error' not in r and r['seconds'] > 0 for r in rows), rows
+    assert '| test_overlock | fp16 | dense backbone train 64x96, batch 1 |' in res.stdout
