@@ -80,6 +80,7 @@ DEFAULTS = {
         'grad_checkpointing': False,
         'compile': False,           # true = torch.compile (inductor) or a backend name
         'seed': 42,
+        'cudnn_benchmark': True,    # the authors' (timm's): cuDNN times its algorithms per shape, keeps the fastest
         'log_interval': 50,
         'steps_per_epoch': None,    # cap on optimizer steps per epoch (smoke tests); None = whole epoch
         'skip_nonfinite': False,    # False: stop at the first non-finite loss; True: skip that step and count it

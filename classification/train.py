@@ -150,6 +150,7 @@ class Trainer:
         self.total_batch, self.accum, lr = batch_plan(cfg, world)
         self.dtype = amp_dtype(cfg, device)
         seed_all(t['seed'])  # identical init on every rank (DDP also broadcasts it)
+        torch.backends.cudnn.benchmark = bool(t['cudnn_benchmark'])
 
         model = create_model(cfg, aux_head=cfg['model']['aux_head'], device=device)
         if cfg['model']['pretrained']:

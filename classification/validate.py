@@ -62,6 +62,7 @@ def main(argv=None):
 
 def run(cfg, args, root, work_dir, rank, world, device):
     setup_logging(rank)
+    torch.backends.cudnn.benchmark = bool(cfg['train']['cudnn_benchmark'])  # as training (timm's validate.py too)
     model = create_model(cfg, aux_head=False, device=device)  # the aux head only exists to shape training
     load_model_weights(model, args.checkpoint, use_ema=args.use_ema)
     if args.reparam:

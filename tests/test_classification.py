@@ -194,7 +194,8 @@ def test_aux_loss_changes_overview_net_grads():
 
 
 # ---------------------------------------------------------------- determinism, NaN (in-process, short)
-def test_fixed_seed_gives_identical_runs(data, tmp_path):
+def test_fixed_seed_gives_identical_runs(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
     res = []
     for i in range(2):
         wd = tmp_path / f'run{i}'
@@ -204,6 +205,7 @@ def test_fixed_seed_gives_identical_runs(data, tmp_path):
         res.append((first.split('loss ')[1].split()[0], read_log(wd)[0]['train_loss'],
                     json.loads((wd / 'results.json').read_text())['rank_state_sha256']))
     assert res[0] == res[1]
+    assert torch.backends.cudnn.benchmark  # the authors' setting, on by default (train.cudnn_benchmark)
 
 
 def test_nonfinite_loss_stops_or_skips(data, tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ def _no_decay_names(model, optimizer):
 def test_cls_paper_configs_default_to_the_authors_recipe(path):
     t = load_config(path)['train']
     assert t['decay_groups'] == 'authors' and t['amp'] and t['amp_dtype'] == 'auto'
-    assert t['weight_decay'] == 0.05 and t['clip_grad'] == 5.0
+    assert t['weight_decay'] == 0.05 and t['clip_grad'] == 5.0 and t['seed'] == 42 and t['cudnn_benchmark']
     cfg = {'train': t}
     assert amp_dtype(cfg, torch.device('cuda')) == torch.float16  # fp16 + GradScaler, as the authors trained
     assert amp_dtype(cfg, torch.device('cpu')) is None

@@ -91,6 +91,19 @@ def _time(fn, device: str, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+def _is_overlock(model) -> bool:
+    return any(type(m).__module__.startswith('overlock_core') for m in model.modules())
+
+
+def _form(model) -> str:
+    """How the model ran: 'paper form' or 'accelerated, lean=...' (``overlock_core.accel``), '' for other models."""
+    from overlock_core.accel import accelerated
+    if not _is_overlock(model):
+        return ''
+    cfg = accelerated(model)
+    return 'paper form' if cfg is None else f'accelerated, lean={cfg.lean}'
+
+
 def _build(a: Dict):
     """(the model, one step of it on its own input) as ``a`` describes them."""
     import timm
@@ -100,7 +113,7 @@ def _build(a: Dict):
     if a['backbone']:
         kw = dict(features_only=True, out_indices=(0, 1, 2, 3))
     model = timm.create_model(a['model'], **kw)
-    if a['model'].startswith('overlock'):
+    if _is_overlock(model):
         from overlock_core.accel import accelerate, resolve
         accelerate(model, resolve(a.get('accel') or 'auto', dense=a['backbone'], device=dev))
     model = model.to(dev)
@@ -149,6 +162,12 @@ def _build(a: Dict):
     return params, step
 
 
+def _print_forms(rows: List[Dict]) -> None:
+    """One line per form OverLoCK ran in (the workers report it: ``_form``)."""
+    for form in dict.fromkeys(r['form'] for r in rows if r.get('form')):
+        print(f'OverLoCK ran in the {form}' if form == 'paper form' else f'OverLoCK ran {form}')
+
+
 def run_model(a: Dict) -> Dict:
     dev = a['device']
     model, step = _build(a)
@@ -162,7 +181,7 @@ def run_model(a: Dict) -> Dict:
     step()
     sec = _time(step, dev, a['warmup'], a['iters'])
     res = dict(seconds=sec, images_per_s=a['batch'] / sec, peak_mib=_peak(dev) - base,
-               params_m=sum(p.numel() for p in model.parameters()) / 1e6, compile_s=compile_s)
+               params_m=sum(p.numel() for p in model.parameters()) / 1e6, compile_s=compile_s, form=_form(model))
     if a.get('profile'):
         res['profile'], res['profile_kinds'] = _profile(step, dev, a['profile'])
     return res
@@ -468,14 +487,6 @@ def _dwconv_table(args, common: Dict) -> List[Dict]:
 REALISTIC_CASES = ('train', 'infer', 'dense')
 
 
-def _accel_name(spec, backbone: bool, device: str) -> str:
-    """How OverLoCK runs under ``spec`` (a --plain/--lean... choice, or None: ``accel.auto_config``, without importing
-    the package here: the workers import the checkout's own)."""
-    if spec is None:
-        spec = 'off' if torch.device(device).type != 'cpu' else dict(lean='max' if backbone else True)
-    return 'in the paper form' if spec == 'off' else f"accelerated, lean={spec['lean']}"
-
-
 def _realistic(args, common: Dict) -> List[Dict]:
     """Training and inference at ``--size`` (batch ``--realistic-batch``) and a dense backbone training step at
     ``--dense-size`` (batch ``--dense-batch``), channels-last, each model under each precision of ``--precisions``
@@ -505,7 +516,7 @@ def _realistic(args, common: Dict) -> List[Dict]:
         sec = statistics.median(r['seconds'] for r in ok)
         rows.append(dict(row, seconds=sec, images_per_s=c['batch'] / sec,
                          peak_mib=statistics.median(r['peak_mib'] for r in ok), runs=[r['seconds'] for r in ok],
-                         profile=ok[0].get('profile'), profile_kinds=ok[0].get('profile_kinds')))
+                         profile=ok[0].get('profile'), profile_kinds=ok[0].get('profile_kinds'), form=ok[0]['form']))
     by = {(r['model'], r['precision'], r['case']): r for r in rows}
     peer_of = dict(PEERS)
     print(f"{args.device}, channels-last, autocast; training: AdamW step (GradScaler under fp16); "
@@ -527,6 +538,7 @@ def _realistic(args, common: Dict) -> List[Dict]:
             speed = f"{r['time_ratio']:.2f}x time" if r['case'] == 'dense' else f"{1 / r['time_ratio']:.2f}x img/s"
             ratio = f"{speed}, {r['memory_ratio']:.2f}x memory"
         print(f"| {r['model']} | {r['precision']} | {what} | {figure} | {r['peak_mib']:.0f} | {ratio} |")
+    _print_forms(rows)
     for r in rows:
         if 'time_ratio' not in r:
             continue
@@ -655,8 +667,7 @@ def main(argv=None):
         print(f"{h}x{w}, batch {args.batch}, {args.device}, {args.threads} threads, {args.dtype}"
               f"{', channels_last' if args.channels_last else ''}{', backbone only' if args.backbone else ''}"
               f"{', gradient checkpointing' if args.grad_checkpointing else ''}"
-              f"{', torch.compile' if args.compile else ''}"
-              f", OverLoCK {_accel_name(args.accel, args.backbone, args.device)}")
+              f"{', torch.compile' if args.compile else ''}")
         print(f"{'model':18}{'mode':7}{'ms/step':>10}{'img/s':>9}{'peak MiB':>10}{'params M':>10}{'spread':>10}")
         args.models = args.models or DEFAULT_MODELS
         results: Dict = {}
@@ -679,12 +690,13 @@ def main(argv=None):
                      peak_mib=statistics.median(r['peak_mib'] for r in ok), params_m=ok[0]['params_m'],
                      runs=[r['seconds'] for r in ok], peak_runs=[r['peak_mib'] for r in ok],
                      profile=ok[0].get('profile'), profile_kinds=ok[0].get('profile_kinds'),
-                     compile_s=[r['compile_s'] for r in ok] if args.compile else None)
+                     compile_s=[r['compile_s'] for r in ok] if args.compile else None, form=ok[0]['form'])
             r['images_per_s'] = args.batch / r['seconds']
             rows.append(r)
             spread = (max(times) - min(times)) / r['seconds'] * 100
             print(f"{model:18}{mode:7}{r['seconds'] * 1e3:10.1f}{r['images_per_s']:9.2f}"
                   f"{r['peak_mib']:10.0f}{r['params_m']:10.2f}{spread:9.0f}%")
+        _print_forms(rows)
         for r in rows:
             if r.get('compile_s'):
                 print(f"  {r['model']} {r['mode']}: compiled in {', '.join(f'{c:.0f}' for c in r['compile_s'])} s")
