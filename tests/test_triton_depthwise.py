@@ -329,41 +329,54 @@ def test_triton_depthwise_cuda_model_step_matches_cudnn(branches, monkeypatch):
 
 # ----- GPU code without a GPU: the kernels compiled ahead of time -----
 
-def _compile(fn, pointers, constexprs, arch):
+def _compile(fn, pointers, constexprs, arch, tmp_path):
     """triton.compile of a kernel for a CUDA architecture (no device needed: Triton ships ptxas): pointer arguments
-    typed by ``pointers``, the other runtime arguments int32, ``constexprs`` as given. Returns the cubin's size."""
+    typed by ``pointers``, the other runtime arguments int32, ``constexprs`` as given. Returns the cubin's resource
+    usage, {'REG': registers per thread, 'LOCAL': local-memory bytes (register spills), ...}, from Triton's
+    cuobjdump (empty when it is missing)."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     signature = {name: 'constexpr' if name in constexprs else pointers.get(name, 'i32') for name in fn.arg_names}
     index = {name: (i,) for i, name in enumerate(fn.arg_names)}
     src = ASTSource(fn, signature, constexprs={index[k]: v for k, v in constexprs.items()})
-    return len(triton_dwconv.triton.compile(src, target=GPUTarget('cuda', arch, 32)).asm['cubin'])
+    cubin = triton.compile(src, target=GPUTarget('cuda', arch, 32)).asm['cubin']
+    assert len(cubin) > 0
+    tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
+    if not os.path.isfile(tool):
+        return {}
+    path = tmp_path / f'{fn.__name__}.cubin'
+    path.write_bytes(cubin)
+    out = subprocess.run([tool, '-res-usage', str(path)], capture_output=True, text=True).stdout
+    line = next(line for line in out.splitlines() if 'REG:' in line)
+    return {k: int(v) for k, v in (f.split(':', 1) for f in line.split() if ':' in f and f.split(':', 1)[1].isdigit())}
 
 
 @needs_triton
 @pytest.mark.skipif(triton_dwconv.INTERPRETED, reason='the kernels are interpreted in this process')
-def test_triton_depthwise_and_aggregation_kernels_compile_for_gpus_without_one():
+def test_triton_depthwise_and_aggregation_kernels_compile_for_gpus_without_one(tmp_path):
     """Every Triton kernel compiles to GPU code (cubin for sm_90, H100/H200, and sm_80, A100) on this CPU machine, in
     the variants the launches use (fp16/bf16/fp32 maps, the summed and per-branch forms, both tile shapes): type
     errors that the interpreter lets through (e.g. a loop variable's type, a loop-carried value changing type) fail
-    here rather than on a lent GPU."""
+    here rather than on a lent GPU. None spills registers to local memory."""
     import triton.language as tl
     from overlock_core.ops import triton_av
     ptr = {'fp32': '*fp32', 'fp16': '*fp16', 'bf16': '*bf16'}
     cl, nchw = dict(TILE_H=2, TILE_W=8, BLOCK_C=64), dict(TILE_H=8, TILE_W=32, BLOCK_C=4)
-    sizes = []
+    usage = []  # resource usage of each compiled kernel
     for dtype, summed, bias, tiles, arch in [('fp16', False, False, cl, 90), ('bf16', True, False, nchw, 90),
                                              ('fp32', False, True, nchw, 80)]:
         pointers = dict(x=ptr[dtype], w=ptr[dtype], b=ptr[dtype], out=ptr[dtype], taps='*i32', starts='*i32')
-        sizes.append(_compile(triton_dwconv._taps_kernel, pointers,
-                              dict(SUM=summed, HAS_BIAS=bias, ACC=tl.float32, **tiles), arch))
+        usage.append(_compile(triton_dwconv._taps_kernel, pointers,
+                              dict(SUM=summed, HAS_BIAS=bias, ACC=tl.float32, **tiles), arch, tmp_path))
     for dtype, tiles in [('bf16', cl), ('fp32', nchw)]:
         pointers = dict(x=ptr[dtype], g=ptr[dtype], taps='*i32', branch='*i32', part='*fp32')
-        sizes.append(_compile(triton_dwconv._taps_wgrad_kernel, pointers, dict(ACC=tl.float32, **tiles), 90))
+        usage.append(_compile(triton_dwconv._taps_wgrad_kernel, pointers, dict(ACC=tl.float32, **tiles), 90, tmp_path))
     k = 13
     av = dict(K=k, KKP=256, BLOCK_P=triton_av.BLOCK_P)
-    sizes.append(_compile(triton_av._fwd_kernel, dict(attn='*bf16', value='*bf16', out='*bf16'), av, 90))
-    sizes.append(_compile(triton_av._grad_attn_kernel, dict(grad='*bf16', value='*bf16', grad_attn='*bf16'), av, 90))
-    sizes.append(_compile(triton_av._grad_value_kernel, dict(grad='*bf16', attn='*bf16', grad_value='*bf16'),
-                          dict(K=k, BLOCK_X=triton_av.BLOCK_X, BLOCK_C=32), 90))
-    assert all(s > 0 for s in sizes)
+    usage.append(_compile(triton_av._fwd_kernel, dict(attn='*bf16', value='*bf16', out='*bf16'), av, 90, tmp_path))
+    usage.append(_compile(triton_av._grad_attn_kernel, dict(grad='*bf16', value='*bf16', grad_attn='*bf16'), av, 90,
+                          tmp_path))
+    usage.append(_compile(triton_av._grad_value_kernel, dict(grad='*bf16', attn='*bf16', grad_value='*bf16'),
+                          dict(K=k, BLOCK_X=triton_av.BLOCK_X, BLOCK_C=32), 90, tmp_path))
+    assert all(u.get('LOCAL', 0) == 0 for u in usage), usage  # no register spills

@@ -60,8 +60,8 @@ except ImportError:  # CPU-only installs: cuDNN / PyTorch serve every convolutio
     triton = None
 
 __all__ = ['MEASURED', 'MEASURED_DRB', 'available', 'branches_forward', 'branches_input_grad',
-           'branches_weight_grad', 'decide', 'decide_branches', 'dwconv_backward', 'dwconv_forward', 'dwconv_input_grad',
-           'dwconv_weight_grad', 'map_bucket', 'supported', 'use_branches', 'use_triton']
+           'branches_weight_grad', 'decide', 'decide_branches', 'dwconv_backward', 'dwconv_forward',
+           'dwconv_input_grad', 'dwconv_weight_grad', 'map_bucket', 'supported', 'use_branches', 'use_triton']
 
 DTYPE_NAMES = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}
 MAP_BUCKETS = (16, 32, 64, 128, 256)  # map_bucket: the side of the smallest of these squares holding the map
