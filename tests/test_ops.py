@@ -136,12 +136,29 @@ def test_dw_conv2d_matches_conv2d(b, c, h, w, k, d, bias):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize('k,d', [(13, 1), (3, 7), (9, 2)])
-def test_dw_conv2d_channels_last_fast_paths(k, d):
-    """Channels-last 13x13 kernels run padded to 15x15 (``WIDEN``), dilated ones padded by more than 6 get the
-    extra zeros up front (``DILATED_PAD``): the same convolution and gradients, with and without autograd."""
-    from overlock_core.ops import dw_conv2d
-    x = torch.randn(2, 3, 17, 19, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+# the layout and padding thresholds of ops/dwconv.py measured with AVX-512 and with AVX2 alone
+ISA_THRESHOLDS = {'avx512': dict(NHWC_SPAN=14, DILATED_PAD=6, WIDEN={13: 15}, WGRAD_NHWC_PAD=None,
+                                 GROUPED_WGRAD_MAP=None, NHWC_3X3_BACKWARD=False),
+                  'avx2': dict(NHWC_SPAN=11, DILATED_PAD=4, WIDEN={}, WGRAD_NHWC_PAD=3, GROUPED_WGRAD_MAP=128 * 128,
+                               NHWC_3X3_BACKWARD=True)}
+
+
+@pytest.mark.parametrize('isa', sorted(ISA_THRESHOLDS))
+@pytest.mark.parametrize('k,d,h,w,layout', [(13, 1, 17, 19, 'cl'), (3, 7, 17, 19, 'cl'), (9, 2, 17, 19, 'cl'),
+                                             (13, 1, 14, 14, 'nchw'), (7, 2, 14, 14, 'nchw'), (3, 5, 12, 13, 'nchw'),
+                                             (11, 1, 20, 18, 'nchw'), (3, 4, 20, 18, 'nchw'), (7, 2, 21, 17, 'cl'),
+                                             (5, 1, 18, 20, 'nchw'), (3, 1, 9, 10, 'nchw')])
+def test_dw_conv2d_channels_last_fast_paths(k, d, h, w, layout, isa, monkeypatch):
+    """Either instruction set's thresholds, on any CPU: channels-last 13x13 kernels padded to 15x15 (``WIDEN``),
+    wide kernels run channels-last (``NHWC_SPAN``), dilated ones padded by more than ``DILATED_PAD`` get the extra
+    zeros up front, grouped weight gradients channels-last (``WGRAD_NHWC_PAD``) and on larger maps
+    (``GROUPED_WGRAD_MAP``), 3x3 backwards channels-last (``NHWC_3X3_BACKWARD``): the same convolution and
+    gradients, with and without autograd."""
+    from overlock_core.ops import dw_conv2d, dwconv
+    for name, value in ISA_THRESHOLDS[isa].items():
+        monkeypatch.setattr(dwconv, name, value)
+    fmt = torch.channels_last if layout == 'cl' else torch.contiguous_format
+    x = torch.randn(2, 3, h, w, dtype=torch.float64).contiguous(memory_format=fmt)
     weight = torch.randn(3, 1, k, k, dtype=torch.float64)
     ref = torch.nn.functional.conv2d(x, weight, padding=d * (k - 1) // 2, dilation=d, groups=3)
     with torch.no_grad():

@@ -6,26 +6,31 @@ and oneDNN's forward itself falls off its fast path for kernels wider than 13 in
 result and computes both gradients with forward-style operations:
 
 * forward and input gradient (a depth-wise convolution of the output gradient with the flipped kernel) in
-  channels-last layout for kernels spanning 14 pixels or more (oneDNN's fast path), in the given layout otherwise;
+  channels-last layout for kernels spanning 14 pixels or more (11 without AVX-512: oneDNN's fast path), in the
+  given layout otherwise;
 * when gradients are recorded on maps up to 16x16, dilated kernels of 9 taps or more run as the dense kernel with
   zeros between the taps (without gradients the plain dilated conv runs, so FLOP counters see the model's own conv);
-* dilated kernels padded by more than 6 get the extra zeros up front (``DILATED_PAD``: oneDNN's slow path);
-* weight gradient: on maps up to 16x16 (kernels of 5 to 13, and 3x3 with dilation 2 or 3), a grouped convolution
-  that uses the output gradient as the kernel; for kernels of 9 taps or more on larger maps, a cross-correlation
+* dilated kernels padded by more than 6 (4 without AVX-512) get the extra zeros up front (``DILATED_PAD``:
+  oneDNN's slow path);
+* weight gradient: on maps up to 16x16 (kernels of 5 to 13, and 3x3 with dilation 2 or 3; without AVX-512 every
+  kernel under 9x9 on maps up to 128x128, ``GROUPED_WGRAD_MAP``), a grouped convolution that uses the output
+  gradient as the kernel (channels-last when padded by more than 3 without AVX-512); for kernels of 9 taps or more
+  on larger maps, a cross-correlation
   through ``torch.fft`` (cost independent of K, summed over the batch in frequency space, in at least fp32);
-  otherwise PyTorch's weight gradient on channels-last inputs, where it is fast.
+  otherwise PyTorch's weight gradient on channels-last inputs, where it is fast; without AVX-512, PyTorch's
+  backward of 3x3 kernels on channels-last maps (``NHWC_3X3_BACKWARD``).
 * ``SpectralGrads``: both gradients of a sum of depth-wise convolutions of one input (a DilatedReparamBlock's
   branches) in frequency space on maps larger than 16x16 with enough work per transform (``SpectralGrads.use``;
   3x3 branches on maps up to 32x32 stay per branch, ``takes``): the input's transform is shared by every branch,
   each branch adds one transform of its output gradient, and one inverse transform gives the summed input
   gradient. On the 56x56 and 28x28 maps of a 224 input this beats the per-branch methods above.
 
-The thresholds come from timing every shape OverLoCK meets on a 2-core x86 CPU (oneDNN; see docs/performance.md);
-they only pick between exact methods. On other devices, and for plain 3x3 kernels, ``dw_conv2d`` is ``F.conv2d``;
-on CUDA the fused Triton kernels of ``triton_dwconv`` run instead where ``triton_dwconv.use_triton`` says so
-(where measured faster than cuDNN, or switched on). The CPU method and the Triton kernels run as the custom operators
-``overlock::dw_conv2d`` and ``overlock::dw_conv2d_backward``, in eager mode and under ``torch.compile`` alike
-(opaque to the compiler).
+The thresholds come from timing every shape OverLoCK meets on 2-core x86 CPUs with and without AVX-512 (oneDNN;
+see docs/performance.md); they only pick between exact methods. On other devices, and for plain 3x3 kernels,
+``dw_conv2d`` is ``F.conv2d``; on CUDA the fused Triton kernels of ``triton_dwconv`` run instead where
+``triton_dwconv.use_triton`` says so (where measured faster than cuDNN, or switched on). The CPU method and the
+Triton kernels run as the custom operators ``overlock::dw_conv2d`` and ``overlock::dw_conv2d_backward``, in eager
+mode and under ``torch.compile`` alike (opaque to the compiler).
 """
 from typing import Optional, Sequence, Tuple
 
@@ -43,9 +48,16 @@ __all__ = ['SpectralGrads', 'autocast_args', 'dense_dilated', 'dilate_and_pad', 
 LARGE_KERNEL = 9  # from this many taps on the weight gradient is computed by us
 SMALL_MAP = 16 * 16  # at most this many pixels and ...
 SMALL_MAP_MAX_K = 13  # ... at most this many taps: grouped-conv weight gradient (wider kernels hit a slow path)
-NHWC_SPAN = 14  # kernels spanning this many pixels or more run channels-last
-DILATED_PAD = 6  # oneDNN's dilated depth-wise kernels leave their fast path from padding 7 on
-WIDEN = {13: 15}  # channels-last: oneDNN runs 13x13 depth-wise kernels slower than the same kernels padded to 15x15
+# oneDNN's depth-wise kernels leave their fast paths at other sizes with AVX-512 than with AVX2 alone: the layout
+# and padding thresholds below were measured on one host of each (other CPUs take the AVX2 ones)
+AVX512 = torch.backends.cpu.get_cpu_capability().startswith('AVX512')
+NHWC_SPAN = 14 if AVX512 else 11  # kernels spanning this many pixels or more run channels-last
+DILATED_PAD = 6 if AVX512 else 4  # dilated kernels leave the fast path from padding 7 on (AVX-512), 5 on (AVX2)
+WIDEN = {13: 15} if AVX512 else {}  # channels-last 13x13 kernels: faster padded to 15x15 with AVX-512, not AVX2
+WGRAD_NHWC_PAD = None if AVX512 else 3  # AVX2: grouped weight gradients padded by more than this run channels-last
+GROUPED_WGRAD_MAP = None if AVX512 else 128 * 128  # AVX2: kernels under LARGE_KERNEL: grouped weight gradient on maps
+# up to this size, not only SMALL_MAP (PyTorch's is 2-10x slower there)
+NHWC_3X3_BACKWARD = not AVX512  # AVX2: the backward of 3x3 kernels is 2-6x faster on channels-last maps
 SPECTRAL_TAPS = 15  # SpectralGrads.use: the taps per transform from which frequency space pays (measured at 1-8 images)
 SPECTRAL_MAP = 64 * 64  # ... and the map size from which it always does
 SPATIAL_3X3_MAP = 32 * 32  # SpectralGrads.takes: 3x3 branches on maps up to this size stay out of frequency space
@@ -94,12 +106,21 @@ def dw_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilati
     grad[n, c, i, j] * x[n, c, i + (a - K//2) * d, j + (b - K//2) * d], zero outside the map."""
     b, c, h, w = x.shape
     pad = dilation * (kernel_size - 1) // 2
-    if h * w <= SMALL_MAP and kernel_size <= SMALL_MAP_MAX_K:  # grad as a (B*C)-group kernel, the K x K taps as output
-        out = F.conv2d(x.reshape(1, b * c, h, w), grad.reshape(b * c, 1, h, w), padding=pad, stride=dilation,
-                       groups=b * c)
+    if (h * w <= SMALL_MAP and kernel_size <= SMALL_MAP_MAX_K) or _grouped_wgrad(kernel_size, h * w):
+        # grad as a (B*C)-group kernel, the K x K taps as output
+        inp = x.reshape(1, b * c, h, w)
+        if WGRAD_NHWC_PAD is not None and pad > WGRAD_NHWC_PAD:
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        out = F.conv2d(inp, grad.reshape(b * c, 1, h, w), padding=pad, stride=dilation, groups=b * c)
         return out.reshape(b, c, kernel_size, kernel_size).sum(0).unsqueeze(1)
     spectral = SpectralGrads(x, [kernel_size], [dilation])  # a cross-correlation through torch.fft
     return spectral.kernel_grad(spectral.rfft(grad), kernel_size, dilation)
+
+
+def _grouped_wgrad(kernel_size: int, pixels: int) -> bool:
+    """Without AVX-512: the grouped-convolution weight gradient for kernels under ``LARGE_KERNEL`` on maps up to
+    ``GROUPED_WGRAD_MAP`` as well."""
+    return GROUPED_WGRAD_MAP is not None and kernel_size < LARGE_KERNEL and pixels <= GROUPED_WGRAD_MAP
 
 
 def _lags(kernel_size: int, dilation: int, size: Tuple[int, int], device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -233,6 +254,8 @@ def dw_conv2d_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
     if triton_dwconv.use_triton(x, k, d):
         return triton_dwconv.dwconv_backward(x, weight, grad, d, mask)
     if x.device.type != 'cpu' or (k <= 3 and d == 1):
+        if x.device.type == 'cpu' and NHWC_3X3_BACKWARD:
+            x, grad = _in_format(x, torch.channels_last, x_formats), grad.contiguous(memory_format=torch.channels_last)
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad, x, weight, None, [1, 1], pad, [d, d], False, [0, 0], weight.shape[0], [mask[0], mask[1], False])
         return grad_x, grad_w
@@ -241,7 +264,7 @@ def dw_conv2d_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
         grad_x = _conv(_layout(grad, k, d), weight.flip(2, 3), None, d)
     # the grouped conv runs with stride = dilation: dilated 3x3 kernels only up to stride 3 (oneDNN's fast path)
     small = x.shape[-2] * x.shape[-1] <= SMALL_MAP and (5 <= k <= SMALL_MAP_MAX_K or (k == 3 and 1 < d <= 3))
-    ours = k >= LARGE_KERNEL or small
+    ours = k >= LARGE_KERNEL or small or _grouped_wgrad(k, x.shape[-2] * x.shape[-1])
     if mask[1] and ours:
         grad_w = dw_weight_grad(_in_format(x, torch.contiguous_format, x_formats), grad.contiguous(), k, d)
         grad_w = grad_w.to(weight.dtype)
@@ -280,9 +303,10 @@ def dw_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
                         groups=weight.shape[0])
     k, dev = weight.shape[-1], x.device.type
     if not triton_dwconv.use_triton(x, k, dilation):  # on CUDA the Triton kernels where measured faster (or forced)
-        if dev != 'cpu' or (k <= 3 and dilation == 1):  # cuDNN; PyTorch's own is fast for 3x3
-            return _conv(x, weight, bias, dilation)
-        if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        if dev != 'cpu' or (k <= 3 and dilation == 1 and not (grads and NHWC_3X3_BACKWARD)):
+            return _conv(x, weight, bias, dilation)  # cuDNN; PyTorch's own 3x3 (and its backward) with AVX-512
+        if not grads:
             return _conv(_layout(x, k, dilation), weight, bias, dilation)
         weight, dilation = dense_dilated(weight, dilation, x)
     x, weight, bias = autocast_args(dev, x, weight, bias)

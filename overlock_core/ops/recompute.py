@@ -311,10 +311,8 @@ class _DWBNActConv(torch.autograd.Function):
         gz, gg, gbeta = torch.ops.aten.native_batch_norm_backward(gy, z, gamma, None, None, mean, invstd, True,
                                                                   ctx.eps, [True, need[3], need[4]])
         del gy, z
-        c = x.shape[1]
-        gx, gwdw, gbdw = torch.ops.aten.convolution_backward(
-            gz, x, wdw, [c] if bdw is not None else None, [1, 1], [1, 1], [1, 1], False, [0, 0], c,
-            [need[0], need[1], need[2] and bdw is not None])
+        gx, gwdw = dw_conv2d_backward(x, wdw, gz, 1, (need[0], need[1]))
+        gbdw = gz.sum((0, 2, 3)) if need[2] and bdw is not None else None
         return gx, gwdw, gbdw, gg, gbeta, None, None, None, None, None, gw, gb
 
 
