@@ -15,10 +15,9 @@ result and computes both gradients with forward-style operations:
 * weight gradient: on maps up to 16x16 (kernels of 5 to 13, and 3x3 with dilation 2 or 3; without AVX-512 every
   kernel under 9x9 on maps up to 128x128, ``GROUPED_WGRAD_MAP``), a grouped convolution that uses the output
   gradient as the kernel (channels-last when padded by more than 3 without AVX-512); for kernels of 9 taps or more
-  on larger maps, a cross-correlation
-  through ``torch.fft`` (cost independent of K, summed over the batch in frequency space, in at least fp32);
-  otherwise PyTorch's weight gradient on channels-last inputs, where it is fast; without AVX-512, PyTorch's
-  backward of 3x3 kernels on channels-last maps (``NHWC_3X3_BACKWARD``).
+  on larger maps, a cross-correlation through ``torch.fft`` (cost independent of K, summed over the batch in
+  frequency space, in at least fp32); otherwise PyTorch's weight gradient on channels-last inputs, where it is fast;
+  without AVX-512, PyTorch's backward of 3x3 kernels on channels-last maps (``NHWC_3X3_BACKWARD``).
 * ``SpectralGrads``: both gradients of a sum of depth-wise convolutions of one input (a DilatedReparamBlock's
   branches) in frequency space on maps larger than 16x16 with enough work per transform (``SpectralGrads.use``;
   3x3 branches on maps up to 32x32 stay per branch, ``takes``): the input's transform is shared by every branch,
