@@ -34,7 +34,7 @@ from classification.common import (amp_dtype, autocast, check_model_name, create
                                    load_model_weights, log, setup_logging)
 from classification.config import load_config, save_config
 from classification.data import build_eval_loader, build_train_loader, check_data_dir, num_batches
-from overlock_core.accel import accelerated
+from overlock_core.accel import form_name
 from overlock_core.checkpoint import save_atomic
 from overlock_core.losses import DeepSupervisionLoss
 
@@ -160,8 +160,7 @@ class Trainer:
         if world > 1 and t['sync_bn'] and device.type == 'cuda':
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(device)
-        accel = accelerated(model)
-        self.form = 'paper form' if accel is None else f'accelerated (lean={accel.lean})'
+        self.form = form_name(model)
         self.ema = ModelEmaV3(self.model, decay=t['ema_decay']) if t['ema'] else None
         self.optimizer = create_optimizer_v2(decay_groups(self.model, t), t['opt'], lr=lr,
                                              weight_decay=t['weight_decay'], eps=t['opt_eps'],

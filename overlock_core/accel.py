@@ -31,7 +31,7 @@ from .models.overlock import OverLoCK
 from .ops import bn_act, bn_branch_sum, conv_mlp, dense_dilated, dw_bn_act_conv, dw_conv2d, gated_bn_conv, image_groups
 from .ops.recompute import _format
 
-__all__ = ['AccelConfig', 'accelerate', 'accelerated', 'auto_config', 'resolve', 'restore']
+__all__ = ['AccelConfig', 'accelerate', 'accelerated', 'auto_config', 'form_name', 'resolve', 'restore']
 
 LEAN_LEVELS = (True, False, 'max')
 
@@ -379,3 +379,9 @@ def accelerated(model: nn.Module) -> Optional[AccelConfig]:
     if len(levels) > 1:
         raise ValueError(f'modules of this model run at different lean levels {sorted(map(str, levels))}')
     return AccelConfig(lean=levels.pop())
+
+
+def form_name(model: nn.Module) -> str:
+    """How ``model`` runs, for logs and results: 'paper form' or 'accelerated (lean=...)'."""
+    config = accelerated(model)
+    return 'paper form' if config is None else f'accelerated (lean={config.lean})'

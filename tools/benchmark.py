@@ -96,12 +96,9 @@ def _is_overlock(model) -> bool:
 
 
 def _form(model) -> str:
-    """How the model ran: 'paper form' or 'accelerated, lean=...' (``overlock_core.accel``), '' for other models."""
-    from overlock_core.accel import accelerated
-    if not _is_overlock(model):
-        return ''
-    cfg = accelerated(model)
-    return 'paper form' if cfg is None else f'accelerated, lean={cfg.lean}'
+    """How the model ran (``accel.form_name``), '' for other models."""
+    from overlock_core.accel import form_name
+    return form_name(model) if _is_overlock(model) else ''
 
 
 def _build(a: Dict):
