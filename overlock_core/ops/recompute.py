@@ -126,7 +126,7 @@ class _BranchSum(torch.autograd.Function):
         return grad_x, grads_w, grads_g, grads_b
 
     @staticmethod
-    def _fused_grads(ctx, g, u, kept, weights, gammas, stats, need_w, need_x):
+    def _fused_grads(ctx, g, u, weights, gammas, stats, need_w, need_x):
         """(input gradient, kernel, gamma and beta gradients) with the branches' convolutions in one Triton launch
         per pass: the outputs recomputed together, the BatchNorm backwards written into one stack of output
         gradients, then the summed input gradient and every kernel gradient from that stack."""
@@ -156,8 +156,11 @@ class _BranchSum(torch.autograd.Function):
         has_ln = ctx.ln_eps is not None
         need_x = need[0] or (has_ln and (need[5 + 3 * n] or need[6 + 3 * n]))  # the LayerNorm's grads need it too
         u = x if not has_ln else _ln2d(x, ln[0], ln[1], ctx.ln_eps)[0].to(ctx.dtype)  # recomputed
-        grads = _BranchSum._fused_grads if ctx.fused else _BranchSum._branch_grads
-        grad_x, grads_w, grads_g, grads_b = grads(ctx, g, u, kept, weights, gammas, stats, need[5:5 + n], need_x)
+        if ctx.fused:
+            grads = _BranchSum._fused_grads(ctx, g, u, weights, gammas, stats, need[5:5 + n], need_x)
+        else:
+            grads = _BranchSum._branch_grads(ctx, g, u, kept, weights, gammas, stats, need[5:5 + n], need_x)
+        grad_x, grads_w, grads_g, grads_b = grads
         grads_ln = []
         if has_ln:
             del u
