@@ -55,8 +55,8 @@ DILATED_PAD = 6 if AVX512 else 4  # dilated kernels leave the fast path from pad
 WIDEN = {13: 15} if AVX512 else {}  # channels-last 13x13 kernels: faster padded to 15x15 with AVX-512, not AVX2
 WGRAD_NHWC_PAD = None if AVX512 else 3  # AVX2: grouped weight gradients padded by more than this run channels-last
 GROUPED_WGRAD_MAP = None if AVX512 else 128 * 128  # AVX2: kernels under LARGE_KERNEL: grouped weight gradient on maps
-# up to this size, not only SMALL_MAP (PyTorch's is 2-10x slower there)
-NHWC_3X3_BACKWARD = not AVX512  # AVX2: the backward of 3x3 kernels is 2-6x faster on channels-last maps
+# up to this size, not only SMALL_MAP (PyTorch's is slower there)
+NHWC_3X3_BACKWARD = not AVX512  # AVX2: the backward of 3x3 kernels is faster on channels-last maps
 SPECTRAL_TAPS = 15  # SpectralGrads.use: the taps per transform from which frequency space pays (measured at 1-8 images)
 SPECTRAL_MAP = 64 * 64  # ... and the map size from which it always does
 SPATIAL_3X3_MAP = 32 * 32  # SpectralGrads.takes: 3x3 branches on maps up to this size stay out of frequency space
