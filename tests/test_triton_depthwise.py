@@ -329,54 +329,85 @@ def test_triton_depthwise_cuda_model_step_matches_cudnn(branches, monkeypatch):
 
 # ----- GPU code without a GPU: the kernels compiled ahead of time -----
 
-def _compile(fn, pointers, constexprs, arch, tmp_path):
-    """triton.compile of a kernel for a CUDA architecture (no device needed: Triton ships ptxas): pointer arguments
-    typed by ``pointers``, the other runtime arguments int32, ``constexprs`` as given. Returns the cubin's resource
-    usage, {'REG': registers per thread, 'LOCAL': local-memory bytes (register spills), ...}, from Triton's
-    cuobjdump (empty when it is missing)."""
+class _Launches:
+    """Stands in for a Triton kernel: records each launch's (args, kwargs) instead of running it."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def _compile(fn, args, kwargs, arch, tmp_path):
+    """The cubin a launch of ``fn`` with these arguments runs on a CUDA architecture, specialised as Triton's JIT
+    specialises it at run time (integers equal to 1 made constants, 16-divisible integers and pointers marked
+    aligned), compiled on the CPU (Triton ships ptxas). Returns (resource usage {'REG': registers per thread,
+    'LOCAL': local-memory bytes, i.e. register spills, ...}, SASS), both empty without Triton's cuobjdump."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    signature = {name: 'constexpr' if name in constexprs else pointers.get(name, 'i32') for name in fn.arg_names}
-    index = {name: (i,) for i, name in enumerate(fn.arg_names)}
-    src = ASTSource(fn, signature, constexprs={index[k]: v for k, v in constexprs.items()})
-    cubin = triton.compile(src, target=GPUTarget('cuda', arch, 32)).asm['cubin']
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    target = GPUTarget('cuda', arch, 32)
+    backend = make_backend(target)
+    bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args,
+                                                                                                       **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    cubin = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                           options=options.__dict__).asm['cubin']
     assert len(cubin) > 0
     tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
     if not os.path.isfile(tool):
-        return {}
+        return {}, ''
     path = tmp_path / f'{fn.__name__}.cubin'
     path.write_bytes(cubin)
     out = subprocess.run([tool, '-res-usage', str(path)], capture_output=True, text=True).stdout
     line = next(line for line in out.splitlines() if 'REG:' in line)
-    return {k: int(v) for k, v in (f.split(':', 1) for f in line.split() if ':' in f and f.split(':', 1)[1].isdigit())}
+    usage = {k: int(v) for k, v in (f.split(':', 1) for f in line.split() if ':' in f and f.split(':', 1)[1].isdigit())}
+    return usage, subprocess.run([tool, '-sass', str(path)], capture_output=True, text=True).stdout
 
 
 @needs_triton
 @pytest.mark.skipif(triton_dwconv.INTERPRETED, reason='the kernels are interpreted in this process')
-def test_triton_depthwise_and_aggregation_kernels_compile_for_gpus_without_one(tmp_path):
-    """Every Triton kernel compiles to GPU code (cubin for sm_90, H100/H200, and sm_80, A100) on this CPU machine, in
-    the variants the launches use (fp16/bf16/fp32 maps, the summed and per-branch forms, both tile shapes): type
-    errors that the interpreter lets through (e.g. a loop variable's type, a loop-carried value changing type) fail
-    here rather than on a lent GPU. None spills registers to local memory."""
-    import triton.language as tl
+def test_triton_depthwise_and_aggregation_kernels_compile_for_gpus_without_one(tmp_path, monkeypatch):
+    """Every Triton kernel compiles to GPU code (cubin for sm_90, H100/H200, and sm_80, A100) on this CPU machine,
+    from the arguments the launch functions pass (recorded on CPU tensors): bf16 and fp32, channels-last and NCHW,
+    one convolution with a bias, a DilatedReparamBlock's branches summed, the weight gradient, the aggregation
+    kernels. Type errors that the interpreter lets through fail here rather than on a lent GPU. None spills
+    registers to local memory, and on channels-last maps the depth-wise kernels move whole channel vectors: 128-bit
+    loads of the shifted input, the gradients and a tap's packed weights, no 16-bit scalar global load or store."""
     from overlock_core.ops import triton_av
-    ptr = {'fp32': '*fp32', 'fp16': '*fp16', 'bf16': '*bf16'}
-    cl, nchw = dict(TILE_H=2, TILE_W=8, BLOCK_C=64), dict(TILE_H=8, TILE_W=32, BLOCK_C=4)
-    usage = []  # resource usage of each compiled kernel
-    for dtype, summed, bias, tiles, arch in [('fp16', False, False, cl, 90), ('bf16', True, False, nchw, 90),
-                                             ('fp32', False, True, nchw, 80)]:
-        pointers = dict(x=ptr[dtype], w=ptr[dtype], b=ptr[dtype], out=ptr[dtype], taps='*i32', starts='*i32')
-        usage.append(_compile(triton_dwconv._taps_kernel, pointers,
-                              dict(SUM=summed, HAS_BIAS=bias, ACC=tl.float32, **tiles), arch, tmp_path))
-    for dtype, tiles in [('bf16', cl), ('fp32', nchw)]:
-        pointers = dict(x=ptr[dtype], g=ptr[dtype], taps='*i32', branch='*i32', part='*fp32')
-        usage.append(_compile(triton_dwconv._taps_wgrad_kernel, pointers, dict(ACC=tl.float32, **tiles), 90, tmp_path))
-    k = 13
-    av = dict(K=k, KKP=256, BLOCK_P=triton_av.BLOCK_P)
-    usage.append(_compile(triton_av._fwd_kernel, dict(attn='*bf16', value='*bf16', out='*bf16'), av, 90, tmp_path))
-    usage.append(_compile(triton_av._grad_attn_kernel, dict(grad='*bf16', value='*bf16', grad_attn='*bf16'), av, 90,
-                          tmp_path))
-    usage.append(_compile(triton_av._grad_value_kernel, dict(grad='*bf16', attn='*bf16', grad_value='*bf16'),
-                          dict(K=k, BLOCK_X=triton_av.BLOCK_X, BLOCK_C=32), 90, tmp_path))
-    assert all(u.get('LOCAL', 0) == 0 for u in usage), usage  # no register spills
+    kernels = {}
+    for module, names in ((triton_dwconv, ('_taps_kernel', '_taps_wgrad_kernel')),
+                          (triton_av, ('_fwd_kernel', '_grad_attn_kernel', '_grad_value_kernel'))):
+        for name in names:
+            kernels[name] = _Launches(getattr(module, name))
+            monkeypatch.setattr(module, name, kernels[name])
+    CL = torch.channels_last
+    launches = []  # (kernel, args, kwargs, arch, vectors expected)
+    for dtype, layout, arch in [(torch.bfloat16, CL, 90), (torch.float32, torch.contiguous_format, 80)]:
+        x = torch.randn(2, 64, 14, 14, dtype=dtype).contiguous(memory_format=layout)
+        ws = [torch.randn(64, 1, k, k, dtype=dtype) for k in (13, 7, 3, 3)]
+        for k in kernels.values():
+            k.calls.clear()
+        triton_dwconv.dwconv_forward(x, ws[0], torch.randn(64, dtype=dtype), 1)
+        triton_dwconv.branches_input_grad(triton_dwconv._stacked(x, 4).normal_(), ws, [1, 1, 2, 3])
+        triton_dwconv.dwconv_weight_grad(x, torch.randn_like(x), 13, 1)
+        vectors = layout == CL
+        launches += [(k.fn, *call, arch, vectors) for k in (kernels['_taps_kernel'], kernels['_taps_wgrad_kernel'])
+                     for call in k.calls]
+    assert len(launches) == 6
+    ks = 13
+    attn = torch.randn(2, ks * ks, 14, 14, dtype=torch.bfloat16)
+    value = torch.randn(2, 32, 14, 14, dtype=torch.bfloat16)
+    triton_av.av_forward(attn, value, ks)
+    triton_av.av_backward((attn, value), torch.randn_like(value), ks, (True, True))
+    launches += [(kernels[name].fn, *kernels[name].calls[0], 90, False)
+                 for name in ('_fwd_kernel', '_grad_attn_kernel', '_grad_value_kernel')]
+    usage = []
+    for fn, args, kwargs, arch, vectors in launches:
+        res, sass = _compile(fn, args, kwargs, arch, tmp_path)
+        usage.append((fn.__name__, res))
+        if vectors and sass:
+            assert 'LDG.E.128' in sass and 'LDG.E.U16' not in sass and 'STG.E.U16' not in sass, fn.__name__
+    assert all(u.get('LOCAL', 0) == 0 for _, u in usage), usage  # no register spills

@@ -4,7 +4,7 @@ convolution or of a DilatedReparamBlock's parallel branches in one launch per pa
 OverLoCK's depth-wise convolutions (K x K kernels up to 17x17, dilated 3x3 to 9x9 re-parameterisation branches)
 go through cuDNN's direct kernels, which are slow for wide kernels in all three passes. These kernels run the three
 passes straight from the inputs, with fp32 accumulation whatever the input dtype. A convolution is given as a list
-of taps, each an offset (di, dj) and a column of the packed (C, T) weights (``_tap_table``); a set of branches is
+of taps, each an offset (di, dj) and a row of the packed (T, C) weights (``_tap_table``); a set of branches is
 the concatenation of their lists:
 
 * forward: a program takes a tile of pixels (TILE_H x TILE_W) of BLOCK_C channels of one image and, branch by
@@ -142,13 +142,14 @@ def use_branches(x: torch.Tensor, kernel_sizes: Sequence[int], dilations: Sequen
 
 
 if triton is not None:
-    # sizes not specialised on (one compiled kernel for every map size); strides are (contiguity, alignment)
-    @triton.jit(do_not_specialize=['C', 'H', 'W', 'T', 'NB'])
+    # the map sizes are not specialised on (one compiled kernel for every map size); C and the strides are (16-
+    # divisible, or 1), so the channel blocks of channels-last maps and of the packed weights load as vectors
+    @triton.jit(do_not_specialize=['H', 'W', 'T', 'NB'])
     def _taps_kernel(x, w, taps, starts, b, out, C, H, W, T, NB, sxb, sxn, sxc, sxh, sxw, sob, son, soc, soh, sow,
                      SUM: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                      TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """Branch q has the taps t of starts[q] <= t < starts[q + 1]; tap t reads its input map shifted by
-        (taps[2t], taps[2t + 1]) (zero outside the map) times w[:, t]. SUM: out = the sum over every branch, branch
+        (taps[2t], taps[2t + 1]) (zero outside the map) times w[t, :]. SUM: out = the sum over every branch, branch
         q reading input q (x + q * sxb); else out[q] (out + q * sob) = branch q's sum on x (sxb = 0) (+ b)."""
         n = tl.program_id(2).to(tl.int64)
         tiles_w = tl.cdiv(W, TILE_W)
@@ -168,7 +169,7 @@ if triton is not None:
                 jj = j + tl.load(taps + 2 * t + 1)
                 m = (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
                 xv = tl.load(x_q + (ii * sxh + jj * sxw)[:, None], mask=m[:, None] & c_ok[None, :], other=0.0)
-                wv = tl.load(w + c * T + t, mask=c_ok, other=0.0)
+                wv = tl.load(w + t * C + c, mask=c_ok, other=0.0)
                 acc += xv.to(ACC) * wv.to(ACC)[None, :]
             if not SUM:
                 if HAS_BIAS:
@@ -180,11 +181,11 @@ if triton is not None:
         if SUM:
             tl.store(out + n * son + (c * soc)[None, :] + pix, acc.to(out.dtype.element_ty), mask=ok)
 
-    @triton.jit(do_not_specialize=['C', 'H', 'W', 'N', 'SPLIT', 'T'])
+    @triton.jit(do_not_specialize=['H', 'W', 'N', 'SPLIT', 'T'])
     def _taps_wgrad_kernel(x, g, taps, branch, part, C, H, W, N, SPLIT, T, sxn, sxc, sxh, sxw, sgb, sgn, sgc, sgh,
                            sgw, ACC: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                            BLOCK_C: tl.constexpr):
-        """part[s, c, t] = sum over the (image, tile) pairs s, s + SPLIT, ... of
+        """part[s, t, c] = sum over the (image, tile) pairs s, s + SPLIT, ... of
         g_q[n, c, i, j] x[n, c, i + taps[2t], j + taps[2t + 1]], g_q = g + q * sgb the gradient of tap t's branch
         q = branch[t]."""
         s0 = tl.program_id(0)
@@ -212,7 +213,7 @@ if triton is not None:
                 xv = tl.load(x + n * sxn + (c * sxc)[None, :] + (ii * sxh + jj * sxw)[:, None],
                              mask=m[:, None] & c_ok[None, :], other=0.0)
                 acc += gv.to(ACC) * xv.to(ACC)
-            tl.store(part + (s0 * C + c) * T + t, tl.sum(acc, axis=0), mask=c_ok)
+            tl.store(part + (s0 * T + t) * C + c, tl.sum(acc, axis=0), mask=c_ok)
 
 
 def _pow2(v: int) -> int:
@@ -264,8 +265,9 @@ def _tap_table(sizes: Tuple[int, ...], dilations: Tuple[int, ...], sign: int,
 
 
 def _packed(weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(C, T): each (C, 1, k, k) kernel's taps in row-major order, branch after branch."""
-    return torch.cat([w.reshape(w.shape[0], -1) for w in weights], 1).contiguous()
+    """(T, C): each (C, 1, k, k) kernel's taps in row-major order, branch after branch; a tap's weights are
+    contiguous, so a block of channels loads them as one vector."""
+    return torch.cat([w.reshape(w.shape[0], -1) for w in weights], 1).t().contiguous()
 
 
 def _stacked(like: torch.Tensor, n: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -288,7 +290,7 @@ def _launch(x: torch.Tensor, sxb: int, weights: Sequence[torch.Tensor], dilation
     th, tw, bc = _tiles(x)
     grid = (triton.cdiv(h, th) * triton.cdiv(w, tw), triton.cdiv(c, bc), n)
     kernel = _packed(weights)
-    _taps_kernel[grid](x, kernel, taps, starts, bias if bias is not None else kernel, out, c, h, w, kernel.shape[1],
+    _taps_kernel[grid](x, kernel, taps, starts, bias if bias is not None else kernel, out, c, h, w, kernel.shape[0],
                        len(sizes), sxb, *x.stride(), sob, *out.stride()[-4:], SUM=summed, HAS_BIAS=bias is not None,
                        ACC=_acc(x), TILE_H=th, TILE_W=tw, BLOCK_C=bc)
     return out
@@ -323,8 +325,8 @@ def _split(x: torch.Tensor, pairs: int, c_blocks: int) -> int:
 
 def _weight_grads(x: torch.Tensor, g: torch.Tensor, sgb: int, sizes: Sequence[int],
                   dilations: Sequence[int]) -> torch.Tensor:
-    """(C, T) kernel gradients of branches ``sizes``/``dilations`` on x, g output gradient 0 (the next ones sgb
-    elements apart), in at least fp32."""
+    """(C, T) kernel gradients (a transposed view) of branches ``sizes``/``dilations`` on x, g output gradient 0
+    (the next ones sgb elements apart), in at least fp32."""
     _check(x, sizes, dilations)
     taps, _, branch = _tap_table(tuple(sizes), tuple(dilations), 1, x.device)
     n, c, h, w = x.shape
@@ -332,12 +334,12 @@ def _weight_grads(x: torch.Tensor, g: torch.Tensor, sgb: int, sizes: Sequence[in
     pairs = n * triton.cdiv(h, th) * triton.cdiv(w, tw)
     c_blocks = triton.cdiv(c, bc)
     split = _split(x, pairs, c_blocks)
-    part = torch.zeros(split, c, taps.shape[0], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    part = torch.zeros(split, taps.shape[0], c, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     if pairs > 0:
         _taps_wgrad_kernel[(split, c_blocks)](x, g, taps, branch, part, c, h, w, n, split, taps.shape[0],
                                               *x.stride(), sgb, *g.stride(), ACC=_acc(x), TILE_H=th, TILE_W=tw,
                                               BLOCK_C=bc)
-    return part.sum(0)
+    return part.sum(0).t()
 
 
 def branches_weight_grad(x: torch.Tensor, grads: torch.Tensor, weights: Sequence[torch.Tensor],
@@ -371,7 +373,7 @@ def dwconv_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, di
     grad[n, c, i, j] * x[n, c, i + (a - K // 2) * d, j + (b - K // 2) * d] (zero outside the map), accumulated in
     fp32, returned in ``dtype`` (the weight's; x's when None)."""
     flat = _weight_grads(x, grad, 0, [kernel_size], [dilation])
-    return flat.view(x.shape[1], 1, kernel_size, kernel_size).to(dtype or x.dtype)
+    return flat.reshape(x.shape[1], 1, kernel_size, kernel_size).to(dtype or x.dtype)
 
 
 def dwconv_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, dilation: int,
