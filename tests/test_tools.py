@@ -106,3 +106,30 @@ def test_benchmark_realistic_suite_runs_on_the_cpu(tmp_path):
     assert all('error' not in r and r['seconds'] > 0 for r in rows), rows
     assert '| test_overlock | fp16 | dense backbone train 64x96, batch 1 |' in res.stdout
     assert 'OverLoCK ran accelerated (lean=True)' in res.stdout and 'OverLoCK ran accelerated (lean=max)' in res.stdout
+
+
+def test_gpu_check_runs_the_parts_asked_for(tmp_path):
+    """tools/gpu_check.sh, dry run (PY a script that prints its arguments and the Triton switch): without arguments
+    the correctness checks and the realistic figures; named parts add theirs, the Triton switch set for the Triton
+    part only; an unknown part is refused, naming it, before anything runs."""
+    py = tmp_path / 'py'
+    py.write_text('#!/bin/sh\necho "PY $* switch=${OVERLOCK_TRITON_DWCONV:-unset}"\n')
+    py.chmod(0o755)
+
+    def run(*parts):
+        env = {'PATH': '/usr/bin:/bin', 'PY': str(py), 'OUT': str(tmp_path / '_'.join(parts or ('default',))),
+               'OVERLOCK_TRITON_DWCONV': '1'}  # the script starts from cuDNN whatever the caller's environment
+        return subprocess.run(['bash', 'tools/gpu_check.sh', *parts], capture_output=True, text=True, env=env)
+
+    default = run()
+    assert default.returncode == 0 and 'at most 385 s' in default.stdout
+    steps = [line.split()[1:] for line in default.stdout.splitlines() if line.startswith('PY ')]
+    assert [s[:2] for s in steps] == [['-c', 'import'], ['-c', 'import'], ['-m', 'pytest'],
+                                      ['tools/benchmark.py', '--device']]
+    assert '--realistic' in steps[3] and all(s[-1] == 'switch=unset' for s in steps)
+    extra = run('table', 'triton')
+    steps = [line.split()[1:] for line in extra.stdout.splitlines() if line.startswith('PY tools/benchmark.py')]
+    assert [('--ops' in s, s[-1]) for s in steps] == [(True, 'switch=unset'), (False, 'switch=1')]
+    assert (tmp_path / 'table_triton' / 'log.txt').is_file()
+    bad = run('check', 'bogus')
+    assert bad.returncode == 2 and "unknown part 'bogus'" in bad.stderr and 'PY ' not in bad.stdout
