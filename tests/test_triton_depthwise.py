@@ -327,87 +327,27 @@ def test_triton_depthwise_cuda_model_step_matches_cudnn(branches, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
-# ----- GPU code without a GPU: the kernels compiled ahead of time -----
-
-class _Launches:
-    """Stands in for a Triton kernel: records each launch's (args, kwargs) instead of running it."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, []
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((args, kwargs))
-
-
-def _compile(fn, args, kwargs, arch, tmp_path):
-    """The cubin a launch of ``fn`` with these arguments runs on a CUDA architecture, specialised as Triton's JIT
-    specialises it at run time (integers equal to 1 made constants, 16-divisible integers and pointers marked
-    aligned), compiled on the CPU (Triton ships ptxas). Returns (resource usage {'REG': registers per thread,
-    'LOCAL': local-memory bytes, i.e. register spills, ...}, SASS), both empty without Triton's cuobjdump."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-    target = GPUTarget('cuda', arch, 32)
-    backend = make_backend(target)
-    bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args,
-                                                                                                       **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    cubin = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                           options=options.__dict__).asm['cubin']
-    assert len(cubin) > 0
-    tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
-    if not os.path.isfile(tool):
-        return {}, ''
-    path = tmp_path / f'{fn.__name__}.cubin'
-    path.write_bytes(cubin)
-    out = subprocess.run([tool, '-res-usage', str(path)], capture_output=True, text=True).stdout
-    line = next(line for line in out.splitlines() if 'REG:' in line)
-    usage = {k: int(v) for k, v in (f.split(':', 1) for f in line.split() if ':' in f and f.split(':', 1)[1].isdigit())}
-    return usage, subprocess.run([tool, '-sass', str(path)], capture_output=True, text=True).stdout
-
+# ----- GPU code without a GPU: the kernels compiled ahead of time (tools/kernel_report.py) -----
 
 @needs_triton
 @pytest.mark.skipif(triton_dwconv.INTERPRETED, reason='the kernels are interpreted in this process')
-def test_triton_depthwise_and_aggregation_kernels_compile_for_gpus_without_one(tmp_path, monkeypatch):
-    """Every Triton kernel compiles to GPU code (cubin for sm_90, H100/H200, and sm_80, A100) on this CPU machine,
-    from the arguments the launch functions pass (recorded on CPU tensors): bf16 and fp32, channels-last and NCHW,
-    one convolution with a bias, a DilatedReparamBlock's branches summed, the weight gradient, the aggregation
-    kernels. Type errors that the interpreter lets through fail here rather than on a lent GPU. None spills
-    registers to local memory, and on channels-last maps the depth-wise kernels move whole channel vectors: 128-bit
-    loads of the shifted input, the gradients and a tap's packed weights, no 16-bit scalar global load or store."""
-    from overlock_core.ops import triton_av
-    kernels = {}
-    for module, names in ((triton_dwconv, ('_taps_kernel', '_taps_wgrad_kernel')),
-                          (triton_av, ('_fwd_kernel', '_grad_attn_kernel', '_grad_value_kernel'))):
-        for name in names:
-            kernels[name] = _Launches(getattr(module, name))
-            monkeypatch.setattr(module, name, kernels[name])
-    CL = torch.channels_last
-    launches = []  # (kernel, args, kwargs, arch, vectors expected)
-    for dtype, layout, arch in [(torch.bfloat16, CL, 90), (torch.float32, torch.contiguous_format, 80)]:
-        x = torch.randn(2, 64, 14, 14, dtype=dtype).contiguous(memory_format=layout)
-        ws = [torch.randn(64, 1, k, k, dtype=dtype) for k in (13, 7, 3, 3)]
-        for k in kernels.values():
-            k.calls.clear()
-        triton_dwconv.dwconv_forward(x, ws[0], torch.randn(64, dtype=dtype), 1)
-        triton_dwconv.branches_input_grad(triton_dwconv._stacked(x, 4).normal_(), ws, [1, 1, 2, 3])
-        triton_dwconv.dwconv_weight_grad(x, torch.randn_like(x), 13, 1)
-        vectors = layout == CL
-        launches += [(k.fn, *call, arch, vectors) for k in (kernels['_taps_kernel'], kernels['_taps_wgrad_kernel'])
-                     for call in k.calls]
-    assert len(launches) == 6
-    ks = 13
-    attn = torch.randn(2, ks * ks, 14, 14, dtype=torch.bfloat16)
-    value = torch.randn(2, 32, 14, 14, dtype=torch.bfloat16)
-    triton_av.av_forward(attn, value, ks)
-    triton_av.av_backward((attn, value), torch.randn_like(value), ks, (True, True))
-    launches += [(kernels[name].fn, *kernels[name].calls[0], 90, False)
-                 for name in ('_fwd_kernel', '_grad_attn_kernel', '_grad_value_kernel')]
-    usage = []
-    for fn, args, kwargs, arch, vectors in launches:
-        res, sass = _compile(fn, args, kwargs, arch, tmp_path)
-        usage.append((fn.__name__, res))
-        if vectors and sass:
-            assert 'LDG.E.128' in sass and 'LDG.E.U16' not in sass and 'STG.E.U16' not in sass, fn.__name__
-    assert all(u.get('LOCAL', 0) == 0 for _, u in usage), usage  # no register spills
+def test_triton_depthwise_and_aggregation_kernels_compile_for_gpus_without_one():
+    """Every Triton kernel compiles to GPU code on this CPU machine, from the arguments the launch functions pass,
+    specialised as the JIT would: sm_90 (H100/H200) in bf16, channels-last and NCHW, and sm_80 (A100) in fp32. Type
+    errors that the interpreter lets through fail here rather than on a lent GPU. None spills registers to local
+    memory, and on channels-last maps the depth-wise kernels move whole channel vectors: 128-bit loads of the
+    shifted input, the gradients and a tap's packed weights, no 16-bit scalar global load or store."""
+    sys.path.insert(0, 'tools')
+    import kernel_report
+    rows = kernel_report.report(90, torch.bfloat16)
+    assert len(rows) == 12 and {r['triton_fn'] for r in rows} == {
+        '_taps_kernel', '_taps_wgrad_kernel', '_fwd_kernel', '_grad_attn_kernel', '_grad_value_kernel'}
+    for _, fn, args, kwargs in kernel_report.launches(torch.float32, channels_last=False):
+        built = kernel_report.compile_launch(fn, args, kwargs, 80)
+        rows.append(dict(kernel=fn.__name__, layout='sm_80', spill_bytes=built['usage'].get('LOCAL'),
+                         memory=built['memory']))
+    assert all(r['spill_bytes'] in (0, None) for r in rows), rows  # None: no cuobjdump to read it
+    for r in rows:
+        if r['layout'] == 'channels-last' and r['memory']:
+            loads = set(r['memory'])
+            assert 'LDG.E.128' in loads and not loads & {'LDG.E.U16', 'STG.E.U16'}, r
