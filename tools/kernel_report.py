@@ -90,43 +90,41 @@ def compile_launch(fn, args, kwargs, arch: int) -> Dict:
     return dict(usage=usage, memory=memory, sass=sass)
 
 
-def launches(dtype: torch.dtype, channels_last: bool) -> List[Tuple[str, object, tuple, dict]]:
-    """(label, kernel, args, kwargs) of each kernel launch of OverLoCK-T's third stage at 224 (batch 2): the 13x13
-    depth-wise convolution (forward with bias, weight gradient), its DilatedReparamBlock branches' summed input
-    gradient, and ContMix's aggregation (13x13 windows on the 14x14 map, 7x7 on the 7x7 map of the last stage)."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(2, 256, 14, 14, dtype=dtype).contiguous(memory_format=layout)
+def launches(dtype: torch.dtype) -> List[Tuple[str, str, object, tuple, dict]]:
+    """(label, layout, kernel, args, kwargs) of each kernel launch of OverLoCK-T's third stage at 224 (batch 2): the
+    13x13 depth-wise convolution (forward with bias, weight gradient) and its DilatedReparamBlock branches' summed
+    input gradient, on channels-last and NCHW maps; ContMix's aggregation (13x13 windows on the 14x14 map, 7x7 on
+    the 7x7 map of the last stage), in ContMix's layout."""
     branches = ((13, 1),) + DRB_BRANCHES[13]
     weights = [torch.randn(256, 1, k, k, dtype=dtype) for k, _ in branches]
-    labelled = []
+    labels = []
     with recording() as launched:
-        triton_dwconv.dwconv_forward(x, weights[0], torch.randn(256, dtype=dtype), 1)
-        triton_dwconv.branches_input_grad(triton_dwconv._stacked(x, len(branches)).normal_(), weights,
-                                          [d for _, d in branches])
-        triton_dwconv.dwconv_weight_grad(x, torch.randn_like(x), 13, 1)
-        labels = ['dwconv forward 13x13', 'DRB 13 input gradient (branches summed)', 'dwconv weight gradient 13x13']
+        for layout, fmt in (('channels-last', torch.channels_last), ('NCHW', torch.contiguous_format)):
+            x = torch.randn(2, 256, 14, 14, dtype=dtype).contiguous(memory_format=fmt)
+            triton_dwconv.dwconv_forward(x, weights[0], torch.randn(256, dtype=dtype), 1)
+            triton_dwconv.branches_input_grad(triton_dwconv._stacked(x, len(branches)).normal_(), weights,
+                                              [d for _, d in branches])
+            triton_dwconv.dwconv_weight_grad(x, torch.randn_like(x), 13, 1)
+            labels += [(name, layout) for name in ('dwconv forward 13x13', 'DRB 13 input gradient (branches summed)',
+                                                   'dwconv weight gradient 13x13')]
         for ks, hw in ((13, 14), (7, 7)):
             attn = torch.randn(16, hw, hw, ks * ks, dtype=dtype).permute(0, 3, 1, 2)  # ContMix's (N, H, W, K*K)
             value = torch.randn(16, 32, hw, hw, dtype=dtype)
             triton_av.av_forward(attn, value, ks)
             triton_av.av_backward((attn, value), torch.randn_like(value), ks, (True, True))
-            labels += [f'aggregation {ks}x{ks} {p}' for p in ('forward', 'grad attn', 'grad value')]
-        labelled = [(label,) + call for label, call in zip(labels, launched)]
-        assert len(labelled) == len(launched) == len(labels), 'a launch function launched more or fewer kernels'
-    return labelled
+            labels += [(f'aggregation {ks}x{ks} {p}', 'ContMix') for p in ('forward', 'grad attn', 'grad value')]
+    assert len(launched) == len(labels), 'a launch function launched more or fewer kernels than listed'
+    return [label + call for label, call in zip(labels, launched)]
 
 
 def report(arch: int, dtype: torch.dtype) -> List[Dict]:
+    """One row per launch of ``launches(dtype)``, compiled for sm_<arch>."""
     rows = []
-    for channels_last in (True, False):
-        for label, fn, args, kwargs in launches(dtype, channels_last):
-            if not channels_last and label.startswith('aggregation'):
-                continue  # the aggregation kernels take ContMix's layout whatever the model's
-            built = compile_launch(fn, args, kwargs, arch)
-            layout = ('channels-last' if channels_last else 'NCHW') if label.startswith(('dw', 'DRB')) else 'ContMix'
-            rows.append(dict(kernel=label, layout=layout, triton_fn=fn.__name__, arch=arch,
-                             registers=built['usage'].get('REG'), spill_bytes=built['usage'].get('LOCAL'),
-                             memory=built['memory']))
+    for label, layout, fn, args, kwargs in launches(dtype):
+        built = compile_launch(fn, args, kwargs, arch)
+        rows.append(dict(kernel=label, layout=layout, triton_fn=fn.__name__, arch=arch,
+                         registers=built['usage'].get('REG'), spill_bytes=built['usage'].get('LOCAL'),
+                         memory=built['memory']))
     return rows
 
 
