@@ -50,13 +50,13 @@ step 30 "$PY" -c "import torch, triton, timm; print(torch.__version__, triton.__
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -ra)
 "$PY" -c "import xdist" 2>/dev/null && PYTEST+=(-n 6)
 BENCH=("$PY" tools/benchmark.py --device cuda)
-BF16=(--realistic --precisions bf16 --repeats 1 --warmup 1 --iters 3)
+REALISTIC=(--realistic --repeats 1 --warmup 1 --iters 3)
+BF16=("${REALISTIC[@]}" --precisions bf16)
 for part in "${PARTS[@]}"; do
     limit=${LIMIT[$part]}
     case $part in
         check) step "$limit" "${PYTEST[@]}" tests/test_triton_depthwise.py tests/test_triton.py -k cuda ;;
-        figures) step "$limit" "${BENCH[@]}" --realistic --repeats 1 --warmup 1 --iters 3 \
-            --json "$OUT/realistic.json" ;;
+        figures) step "$limit" "${BENCH[@]}" "${REALISTIC[@]}" --json "$OUT/realistic.json" ;;
         table) step "$limit" "${BENCH[@]}" --ops dwconv --warmup 2 --iters 5 --json "$OUT/dwconv_ops.json" ;;
         triton) OVERLOCK_TRITON_DWCONV=1 step "$limit" "${BENCH[@]}" "${BF16[@]}" \
             --json "$OUT/realistic_triton_bf16.json" ;;
